@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   virtual environment + install + synthetic phantom + pipeline + executed notebook -> outputs/
+#   make test   the test suite (what CI runs, with make test-xla)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+XLA_VENV ?= .venv-xla
+XLA_PY := $(XLA_VENV)/bin/python
+
+.PHONY: demo test test-xla lint bench bench-full clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+# torch_xla 2.9.0 is the newest release; it needs exactly torch 2.9.0 / torchvision 0.24.0.
+$(XLA_VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_PY) -m pip install --quiet --upgrade pip
+	$(XLA_PY) -m pip install --quiet torch==2.9.0 torchvision==0.24.0 torch_xla==2.9.0 -r requirements-dev.txt
+	$(XLA_PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m helpers.phantom --preset small --out data
+	$(PY) pipeline.py --volume data/knee_small_ct.nii.gz --mask data/knee_small_mask.nii.gz --output outputs/results.csv --device auto
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-xla: $(XLA_VENV)/.installed
+	PJRT_DEVICE=CPU KNEE_REQUIRE_XLA=1 $(XLA_PY) -m pytest -q -m xla
+
+clean:
+	rm -rf outputs/* data/*.nii.gz .pytest_cache

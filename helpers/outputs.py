@@ -1,0 +1,117 @@
+"""Atomic writing of results and the provenance record.
+
+Every file is first written to a hidden temporary file in the destination folder and renamed
+over the destination only when all of a run's files are complete, so a failed or interrupted
+run (an exception, Ctrl-C) leaves the previous results intact and no temporary files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io as _io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CSV_HEADER = ("pair", "layer_1", "layer_2", "layer_3")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | Path], suffixes: Sequence[str] | None = None) -> Iterator[list[Path]]:
+    """Yield temporary paths next to ``paths``; rename them all into place on success.
+
+    On any exception (including ``KeyboardInterrupt``) every temporary file is removed and the
+    destinations are untouched. ``suffixes`` lets a writer that looks at the extension
+    (nibabel's ``.nii.gz``) see the right one.
+    """
+    targets = [Path(p) for p in paths]
+    suffixes = list(suffixes) if suffixes is not None else ["" for _ in targets]
+    temps: list[Path] = []
+    try:
+        for target, suffix in zip(targets, suffixes):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
+        yield temps
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Single-file form of :func:`atomic_paths`."""
+    with atomic_paths([path], [suffix]) as (tmp,):
+        yield tmp
+
+
+def csv_text(pairs: Sequence[str], values: np.ndarray) -> str:
+    """The results table as CSV text: header ``pair,layer_1,layer_2,layer_3`` and one row per pair.
+
+    Values are written with 8 decimals so that identical runs give byte-identical files.
+    """
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for pair, row in zip(pairs, values):
+        writer.writerow([pair, *(f"{float(v):.8f}" for v in row)])
+    return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read a results CSV back: (pairs, values of shape (n_pairs, 3))."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if tuple(rows[0]) != CSV_HEADER:
+        raise ValueError(f"{path}: unexpected header {rows[0]}")
+    return [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def json_text(record: dict[str, Any]) -> str:
+    """Provenance as indented JSON text."""
+    return json.dumps(record, indent=2, default=_json_default) + "\n"
+
+
+def write_files(contents: dict[str | Path, str | bytes | Any]) -> list[Path]:
+    """Write several files all-or-nothing.
+
+    Each value is text, bytes, or a callable ``f(path)`` that writes the file (e.g. ``np.savez``).
+    """
+    targets = list(contents)
+    with atomic_paths(targets) as temps:
+        for tmp, target in zip(temps, targets):
+            value = contents[target]
+            if isinstance(value, str):
+                tmp.write_text(value)
+            elif isinstance(value, bytes):
+                tmp.write_bytes(value)
+            else:
+                value(tmp)
+    return [Path(t) for t in targets]

@@ -1,0 +1,306 @@
+"""The one end-to-end path: ``run(config) -> Result``.
+
+The network is built separately (:func:`build_model`) so one model can serve many scans::
+
+    model = build_model(Config(device="cuda"))
+    for volume, mask in cohort:
+        run(Config(volume=volume, mask=mask, output=...), model)
+
+The CLI, the notebook and the tests call :func:`run` or its stages; none has its own copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, extract, inflate, io, outputs, phantom, regions, similarity
+from .errors import InputError, PipelineWarning
+
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS: the network is NOT ImageNet-pretrained; these similarities only test the "
+    "machinery and must not be interpreted as ImageNet features"
+)
+
+
+@dataclass
+class Config:
+    """Settings of one run (CLI flags have the same names). Paths may be str or Path.
+
+    ``volume``/``mask`` empty means the embedded synthetic phantom (``phantom_preset``),
+    written to ``data_dir`` on first use.
+    """
+
+    volume: str | None = None
+    mask: str | None = None
+    output: str = "outputs/results.csv"
+    device: str = "auto"
+    precision: str = "auto"
+    weights: str = "auto"
+    inflation: str = "mean"
+    seed: int = 0
+    pad: int = 5
+    labels: str | dict[str, int] | None = None
+    crop: str = "masked"
+    normalize: str = "zscore"
+    bucket: int | None = None
+    progress: bool = True
+    phantom_preset: str = "small"
+    data_dir: str = "data"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class Result:
+    """Everything a run produced; the plots draw from it without recomputing."""
+
+    config: Config
+    scan: io.Scan
+    regions: list[regions.Region]
+    features: extract.Features
+    table: similarity.SimilarityTable
+    provenance: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def build_model(config: Config) -> extract.PreparedModel:
+    """Load 2D weights, inflate to 3D and place on the device: do this once per process."""
+    net = inflate.inflate_densenet121(config.weights, config.inflation, config.seed, progress=config.progress)
+    return extract.prepare_model(net, config.device, config.precision, config.bucket)
+
+
+def input_paths(config: Config) -> tuple[Path, Path]:
+    """The (volume, mask) to read: the user's, or the embedded phantom when both are empty."""
+    if not config.volume and not config.mask:
+        return phantom.ensure_phantom(config.data_dir, config.phantom_preset)
+    if not config.volume or not config.mask:
+        missing = "--volume" if not config.volume else "--mask"
+        raise InputError(f"{missing} is missing: give both --volume and --mask, or neither for the phantom")
+    return Path(config.volume), Path(config.mask)
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Record every :class:`PipelineWarning` (and print it to stderr as it happens)."""
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PipelineWarning)
+        original = warnings.showwarning
+
+        def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, PipelineWarning):
+                seen.append(str(message))
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                original(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield seen
+
+
+def run(config: Config, model: extract.PreparedModel | None = None) -> Result:
+    """Load -> crop -> extract -> compare -> write; returns the :class:`Result`.
+
+    Writes ``config.output`` (CSV) and, next to it, ``.npz`` (pooled vectors of every conv
+    layer) and ``.json`` (provenance), all-or-nothing. Raises :class:`InputError` for bad input.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    with collect_warnings() as seen:
+        t = time.perf_counter()
+        if model is None:
+            model = build_model(config)
+        timings["model_build"] = time.perf_counter() - t
+        info = model.model.weights_info
+        if info is not None and info.is_random:
+            print(f"*** {RANDOM_WEIGHTS_BANNER} ({info.description}) ***", file=sys.stderr, flush=True)
+            seen.append(f"{RANDOM_WEIGHTS_BANNER} ({info.description})")
+
+        t = time.perf_counter()
+        volume, mask = input_paths(config)
+        scan = io.load_scan(volume, mask)
+        timings["load"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        labels = regions.parse_labels(config.labels)
+        crops = regions.crop_regions(
+            scan, labels, config.pad, config.crop, config.normalize, inflate.min_input_size(model.model)
+        )
+        timings["crop"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        feats = extract.extract_features(model, crops, progress=config.progress)
+        timings["extract"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        table = similarity.compare(feats)
+        timings["compare"] = time.perf_counter() - t
+        timings["total_before_write"] = time.perf_counter() - t_start
+
+        record = provenance(config, scan, labels, crops, model, feats, table, timings, seen)
+        result = Result(config, scan, crops, feats, table, record)
+        t = time.perf_counter()
+        result.paths = write_results(result)
+        timings["write"] = time.perf_counter() - t
+    return result
+
+
+def write_results(result: Result) -> dict[str, Path]:
+    """Write the CSV, NPZ and JSON of ``result`` next to each other, all-or-nothing."""
+    csv_path = Path(result.config.output)
+    if csv_path.suffix.lower() != ".csv":
+        raise InputError(f"{csv_path}: --output must end in .csv")
+    paths = {"csv": csv_path, "npz": csv_path.with_suffix(".npz"), "json": csv_path.with_suffix(".json")}
+    result.provenance["outputs"] = {k: str(v) for k, v in paths.items()}
+    feats, table = result.features, result.table
+    sizes = [len(v) for v in feats.vectors[feats.regions[0]]]
+    arrays: dict[str, np.ndarray] = {
+        "layer_names": np.array(feats.layer_names),
+        "layer_offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "regions": np.array(feats.regions),
+        "pairs": np.array(table.pairs),
+        "columns": np.array(table.columns),
+        "column_layers": np.array(table.column_layers),
+        "values": table.values,
+        "profile": table.profile,
+    }
+    for region, vecs in feats.vectors.items():
+        arrays[f"vectors_{region}"] = np.concatenate(vecs).astype(np.float32)
+
+    def save_npz(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    outputs.write_files(
+        {
+            paths["csv"]: outputs.csv_text(table.pairs, table.values),
+            paths["npz"]: save_npz,
+            paths["json"]: outputs.json_text(result.provenance),
+        }
+    )
+    return paths
+
+
+def load_npz(path: str | Path) -> dict[str, Any]:
+    """Read a results ``.npz`` back: layer names, and per region a list of per-layer vectors."""
+    with np.load(path) as z:
+        offsets = z["layer_offsets"]
+        data = {k: z[k] for k in z.files}
+    vectors = {
+        str(r): [data[f"vectors_{r}"][a:b] for a, b in zip(offsets[:-1], offsets[1:])] for r in data["regions"]
+    }
+    return {"layer_names": [str(n) for n in data["layer_names"]], "vectors": vectors, **data}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of everything that shapes the numbers."""
+    import nibabel
+    import scipy
+
+    found = {
+        "helpers": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "scipy": scipy.__version__,
+        **inflate.versions(),
+    }
+    try:
+        import torch_xla
+
+        found["torch_xla"] = torch_xla.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def provenance(
+    config: Config,
+    scan: io.Scan,
+    labels: dict[str, int],
+    crops: list[regions.Region],
+    model: extract.PreparedModel,
+    feats: extract.Features,
+    table: similarity.SimilarityTable,
+    timings: dict[str, float],
+    seen: list[str],
+) -> dict[str, Any]:
+    """The results.json record: inputs and their hashes, geometry, settings, weights, versions, device."""
+    info = model.model.weights_info
+    is_random = bool(info and info.is_random)
+    record: dict[str, Any] = {
+        "tool": {"name": "knee-ct-features", "version": __version__, "git_commit": _git_commit()},
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "random_weights": is_random,
+    }
+    if is_random:
+        record["WARNING"] = RANDOM_WEIGHTS_BANNER
+    record |= {
+        "inputs": {
+            "volume": {"path": str(Path(scan.volume_path).resolve()), "sha256": scan.volume_sha256},
+            "mask": {"path": str(Path(scan.mask_path).resolve()), "sha256": scan.mask_sha256},
+            "source_shape": list(scan.source_shape),
+            "source_orientation": scan.source_orientation,
+            "source_affine": scan.source_affine,
+        },
+        "scan": {
+            "canonical_frame": "array [d, h, w]: d inferior->superior, h anterior->posterior, w right->left",
+            "shape": list(scan.shape),
+            "spacing_mm": list(scan.spacing),
+            "affine": scan.affine,
+            "label_counts": {str(k): v for k, v in scan.label_counts().items()},
+        },
+        "labels": labels,
+        "regions": {
+            r.name: {
+                "label": r.label,
+                "box": [list(b) for b in r.box],
+                "crop_shape": list(r.crop_shape),
+                "network_input_shape": list(feats.input_shapes[r.name]),
+                "label_voxels": r.label_voxels,
+                "normalisation": r.stats,
+                "forward_s": round(feats.timings_s[r.name], 4),
+                "gflop": round(feats.gflop[r.name], 3),
+            }
+            for r in crops
+        },
+        "settings": config.to_dict(),
+        "model": {
+            "architecture": "torchvision DenseNet-121 features inflated to 3D (conv0 summed to 1 channel)",
+            "inflation": model.model.inflation,
+            "conv_layers": len(feats.layer_names),
+            "selected_layers": dict(zip(table.columns, table.column_layers)),
+            "weights": info.to_dict() if info else None,
+        },
+        "device": feats.device_info,
+        "precision": feats.precision,
+        "versions": software_versions(),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "warnings": list(seen),
+        "results": table.as_dict(),
+    }
+    return record
