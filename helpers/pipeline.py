@@ -112,51 +112,93 @@ def collect_warnings() -> Iterator[list[str]]:
         yield seen
 
 
+class Run:
+    """One scan's run, stage by stage; :func:`run` calls every stage in order.
+
+    The notebook steps through the same methods (``load``, ``crop``, ``extract``, ``compare``,
+    ``write``) and shows what each produced. Each stage records its wall time and every
+    :class:`PipelineWarning` it raised (printed to stderr and kept for the provenance).
+    """
+
+    def __init__(self, config: Config, model: extract.PreparedModel | None = None) -> None:
+        self.config = config
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.model = model if model is not None else self._stage("model_build", build_model, config)
+        info = self.model.model.weights_info
+        if info is not None and info.is_random:
+            message = f"{RANDOM_WEIGHTS_BANNER} ({info.description})"
+            print(f"*** {message} ***", file=sys.stderr, flush=True)
+            self.warnings.append(message)
+        self.scan: io.Scan | None = None
+        self.labels: dict[str, int] | None = None
+        self.regions: list[regions.Region] | None = None
+        self.features: extract.Features | None = None
+        self.table: similarity.SimilarityTable | None = None
+
+    def _stage(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        with collect_warnings() as seen:
+            out = fn(*args, **kwargs)
+        self.warnings.extend(seen)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def load(self) -> io.Scan:
+        """Read and validate the volume and mask (the phantom when none are given)."""
+        volume, mask = input_paths(self.config)
+        self.scan = self._stage("load", io.load_scan, volume, mask)
+        return self.scan
+
+    def crop(self) -> list[regions.Region]:
+        """Crop and normalise tibia, femur and background."""
+        scan = self.scan if self.scan is not None else self.load()
+        self.labels = regions.parse_labels(self.config.labels)
+        c = self.config
+        self.regions = self._stage(
+            "crop", regions.crop_regions, scan, self.labels, c.pad, c.crop, c.normalize,
+            inflate.min_input_size(self.model.model),
+        )  # fmt: skip
+        return self.regions
+
+    def extract(self) -> extract.Features:
+        """Hooked extraction of every conv layer's pooled vector for each region."""
+        crops = self.regions if self.regions is not None else self.crop()
+        self.features = self._stage("extract", extract.extract_features, self.model, crops, self.config.progress)
+        return self.features
+
+    def compare(self) -> similarity.SimilarityTable:
+        """Cosine similarity per pair and layer."""
+        feats = self.features if self.features is not None else self.extract()
+        self.table = self._stage("compare", similarity.compare, feats)
+        return self.table
+
+    def result(self) -> Result:
+        """The :class:`Result` of the stages run so far (runs the missing ones)."""
+        table = self.table if self.table is not None else self.compare()
+        assert self.scan is not None and self.regions is not None and self.features is not None
+        assert self.labels is not None
+        record = provenance(
+            self.config, self.scan, self.labels, self.regions, self.model, self.features, table,
+            self.timings, self.warnings,
+        )  # fmt: skip
+        return Result(self.config, self.scan, self.regions, self.features, table, record)
+
+    def write(self) -> Result:
+        """Write results.csv/.npz/.json all-or-nothing; returns the :class:`Result` with its paths."""
+        result = self.result()
+        result.paths = self._stage("write", write_results, result)
+        return result
+
+
 def run(config: Config, model: extract.PreparedModel | None = None) -> Result:
     """Load -> crop -> extract -> compare -> write; returns the :class:`Result`.
 
     Writes ``config.output`` (CSV) and, next to it, ``.npz`` (pooled vectors of every conv
     layer) and ``.json`` (provenance), all-or-nothing. Raises :class:`InputError` for bad input.
+    Pass ``model`` (from :func:`build_model`) to reuse one network for many scans.
     """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    with collect_warnings() as seen:
-        t = time.perf_counter()
-        if model is None:
-            model = build_model(config)
-        timings["model_build"] = time.perf_counter() - t
-        info = model.model.weights_info
-        if info is not None and info.is_random:
-            print(f"*** {RANDOM_WEIGHTS_BANNER} ({info.description}) ***", file=sys.stderr, flush=True)
-            seen.append(f"{RANDOM_WEIGHTS_BANNER} ({info.description})")
-
-        t = time.perf_counter()
-        volume, mask = input_paths(config)
-        scan = io.load_scan(volume, mask)
-        timings["load"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        labels = regions.parse_labels(config.labels)
-        crops = regions.crop_regions(
-            scan, labels, config.pad, config.crop, config.normalize, inflate.min_input_size(model.model)
-        )
-        timings["crop"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        feats = extract.extract_features(model, crops, progress=config.progress)
-        timings["extract"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        table = similarity.compare(feats)
-        timings["compare"] = time.perf_counter() - t
-        timings["total_before_write"] = time.perf_counter() - t_start
-
-        record = provenance(config, scan, labels, crops, model, feats, table, timings, seen)
-        result = Result(config, scan, crops, feats, table, record)
-        t = time.perf_counter()
-        result.paths = write_results(result)
-        timings["write"] = time.perf_counter() - t
-    return result
+    return Run(config, model).write()
 
 
 def write_results(result: Result) -> dict[str, Path]:
