@@ -45,7 +45,7 @@ from .errors import InputError
 
 INFLATION_MODES = ("mean", "center")
 #: torchvision's legacy DenseNet key names ``...denselayer1.norm.1.weight`` -> ``...denselayer1.norm1.weight``
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 #: Seconds to wait for the ImageNet weights download before falling back (``weights="auto"``).
 DOWNLOAD_TIMEOUT_S = 20.0
 

@@ -245,7 +245,7 @@ def load_npz(path: str | Path) -> dict[str, Any]:
     vectors = {
         str(r): [data[f"vectors_{r}"][a:b] for a, b in zip(offsets[:-1], offsets[1:])] for r in data["regions"]
     }
-    return {"layer_names": [str(n) for n in data["layer_names"]], "vectors": vectors, **data}
+    return {**data, "layer_names": [str(n) for n in data["layer_names"]], "vectors": vectors}
 
 
 def _git_commit() -> str | None:
