@@ -20,11 +20,14 @@ this bounds the number of compiled graphs; it works on every device.
 
 from __future__ import annotations
 
+import functools
+import glob
+import logging
 import math
 import os
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, warn
 from .inflate import DenseNet3d, conv_shapes
 from .regions import Region
 
@@ -62,59 +65,109 @@ class Features:
         return self.vectors[region][self.layer_names.index(layer)]
 
 
+#: PCI ids of TPU chips (vendor Google), as torch_xla's own detection (``torch_xla._internal.tpu``).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0063", "0x006f", "0x0076"}  # v2/v3, v4, v5e, v6e, 7x
+
+
 def is_tpu_host() -> bool:
-    """True on a TPU VM (Colab TPU runtimes included): TPU device files or PJRT_DEVICE=TPU."""
-    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+    """True on a TPU VM (Colab TPU runtimes included): PJRT_DEVICE=TPU, /dev/accel*, or a TPU on the PCI bus.
+
+    Does not import torch_xla. The PCI check is the one torch_xla uses to select TPU by default.
+    """
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or glob.glob("/dev/accel[0-9]*"):
         return True
-    return os.path.exists("/dev/accel0") or (os.path.isdir("/dev/vfio") and len(os.listdir("/dev/vfio")) > 1)
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _xla_device() -> torch.device:
     try:
         import torch_xla
     except ImportError as exc:
-        raise InputError(f"--device xla: torch_xla is not installed ({exc}); see README 'TPU / XLA'") from None
+        raise InputError(
+            f"--device xla: torch_xla is not installed ({exc}); install torch==2.9.0 torchvision==0.24.0 "
+            "'torch_xla[tpu]==2.9.0' (README 'GPU and TPU')"
+        ) from None
     try:
         return torch_xla.device()
     except Exception as exc:
         raise InputError(f"--device xla: no XLA device ({str(exc).splitlines()[0]}); set PJRT_DEVICE=TPU or CPU") from None
 
 
+def _cuda_device(name: str) -> torch.device:
+    """``cuda`` / ``cuda:N``, checked against the GPUs torch can see."""
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"--device {name}: CUDA is not available (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'none'}; no usable GPU found)"
+        )
+    index = name.partition(":")[2]
+    if index and not index.isdigit():
+        raise InputError(f"--device {name}: expected cuda or cuda:N with N a GPU index")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise InputError(f"--device {name}: no such GPU ({count} visible: cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device for ``name`` (see module doc); a named device that is missing is an error."""
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise InputError(f"--device: expected one of {', '.join(DEVICES)}, got {name!r}")
+        raise InputError(f"--device: expected one of {', '.join(DEVICES)} or cuda:N, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _cuda_device("cuda")
         if is_tpu_host():
             try:
                 return _xla_device()
-            except InputError:
-                pass
+            except InputError as exc:
+                warn(f"a TPU was found but cannot be used, running on the CPU: {exc}")
         return torch.device("cpu")
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(
-                f"--device {name}: CUDA is not available (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda or 'none'}; no usable GPU found)"
-            )
-        return torch.device(name)
+        return _cuda_device(name)
     if name == "xla":
         return _xla_device()
     return torch.device("cpu")
 
 
+def cuda_native_bf16(device: torch.device) -> bool:
+    """True when the GPU computes bfloat16 natively (compute capability >= 8.0, or ROCm).
+
+    ``torch.cuda.is_bf16_supported()`` defaults to ``including_emulation=True`` (true on
+    pre-Ampere GPUs where bf16 is emulated, slowly) and asks the *current* device only.
+    """
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on bf16-capable GPUs, fp16 on other GPUs, fp32 elsewhere."""
+    """``auto`` -> bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU and XLA.
+
+    ``fp16`` is for CUDA only (CPU and TPU have no fast fp16); ``bf16`` on a GPU without
+    native bf16 is refused rather than emulated.
+    """
     if name not in PRECISIONS:
         raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "fp16" and device.type != "cuda":
+        raise InputError(f"--precision fp16 is for CUDA GPUs only (device {device}); use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not cuda_native_bf16(device):
+        raise InputError(
+            f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
+            f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}); use fp16 or fp32"
+        )
     if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise InputError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_native_bf16(device) else "fp16"
     return "fp32"
 
 
@@ -122,18 +175,24 @@ def device_description(device: torch.device) -> dict[str, Any]:
     """What the run computed on (recorded in the provenance)."""
     info: dict[str, Any] = {"type": device.type, "torch_device": str(device), "threads": torch.get_num_threads()}
     if device.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["name"] = props.name
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     elif device.type == "xla":
         import torch_xla
 
         info["pjrt_device"] = os.environ.get("PJRT_DEVICE", "")
         info["torch_xla"] = torch_xla.__version__
         try:
+            import torch_xla.backends
             import torch_xla.runtime as xr
 
             info["xla_device_type"] = xr.device_type()
+            info["mat_mul_precision"] = torch_xla.backends.get_mat_mul_precision()
         except Exception:  # pragma: no cover - informational only
             pass
     else:
@@ -155,6 +214,7 @@ def _cpu_name() -> str:
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished all queued work (XLA: run the pending graph and wait)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xla":
@@ -193,10 +253,13 @@ class PooledHooks:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if self.valid is not None and self.padded is not None:
-                keep = [math.ceil(v * o / p) for v, o, p in zip(self.valid, output.shape[2:], self.padded)]
-                output = output[:, :, : keep[0], : keep[1], : keep[2]]
-            self.pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
+            if output.device.type == "xla":  # one graph per padded shape, whatever the valid part
+                self.pooled.append(_xla_pooled_mean(output, self.valid, self.padded))
+            else:
+                if self.valid is not None and self.padded is not None:
+                    keep = [math.ceil(v * o / p) for v, o, p in zip(self.valid, output.shape[2:], self.padded)]
+                    output = output[:, :, : keep[0], : keep[1], : keep[2]]
+                self.pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
             self.names.append(name)
             if self.on_layer is not None:
                 self.on_layer(name)
@@ -219,9 +282,39 @@ class PreparedModel:
     bucket: int | None
 
     def autocast(self) -> Any:
-        if self.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+        """The context the forward runs in: ``torch.autocast`` at bf16/fp16; at fp32 on CUDA,
+        cuDNN convolutions in IEEE fp32 (PyTorch's default lets them use TF32, 10-bit mantissa)."""
+        if self.precision != "fp32":
+            return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+        if self.device.type == "cuda":
+            return _cudnn_conv_precision("ieee")
+        return nullcontext()
+
+    @property
+    def compute(self) -> str:
+        """What the convolutions really compute in, for the provenance."""
+        if self.precision != "fp32":
+            return f"autocast {self.precision} (pooled in fp32)"
+        if self.device.type == "cuda":
+            return "fp32 (cuDNN conv fp32_precision=ieee: no TF32)"
+        if self.device.type == "xla":
+            return "fp32 (XLA mat_mul_precision=highest)"
+        return "fp32"
+
+
+@contextmanager
+def _cudnn_conv_precision(value: str) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.conv.fp32_precision`` (torch >= 2.9's TF32 switch) and restore it.
+
+    Only the new API is used: mixing it with the legacy ``cudnn.allow_tf32`` is an error in torch.
+    """
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    conv.fp32_precision = value
+    try:
+        yield
+    finally:
+        conv.fp32_precision = old
 
 
 def prepare_model(
@@ -231,11 +324,15 @@ def prepare_model(
     bucket: int | None = None,
     channels_last: bool | None = None,
 ) -> PreparedModel:
-    """Move ``model`` to ``device`` and fix precision, memory format and bucketing for extraction.
+    """Move ``model`` (in place) to ``device`` and fix precision, memory format and bucketing.
 
-    ``channels_last`` (default: on for CPU and CUDA, off for XLA) stores activations as
-    (N, d, h, w, C), which oneDNN and cuDNN run faster. ``bucket`` defaults to 32 on XLA and
-    off elsewhere.
+    ``channels_last`` (default: on for CPU and CUDA, off for XLA, whose compiler picks layouts)
+    stores activations as (N, d, h, w, C), which oneDNN and cuDNN run faster. ``bucket``
+    defaults to 32 on XLA and off elsewhere: on XLA every distinct input shape is one graph
+    compilation (seconds to minutes), and bucketing lets crops of different sizes share graphs
+    (README 'GPU and TPU' has the measurements). On XLA the fp32 precision is set to
+    ``highest`` (TPUs otherwise run fp32 convolutions in bf16 passes) and the moved weights are
+    materialised once here, so that extraction compiles only forward graphs.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -245,20 +342,61 @@ def prepare_model(
         bucket = 32
     if bucket is not None and bucket < 1:
         bucket = None
+    if dev.type == "cpu":
+        keep_freed_memory()
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     if dev.type == "xla":
         _xla_precision()
+        _synchronize(dev)  # materialise the weights now: one small graph, not counted per scan
     return PreparedModel(model.eval(), dev, prec, channels_last, bucket)
 
 
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (CPU runs).
+
+    Every large activation freshly allocated by glibc is mmap'ed and, at first touch, costs a
+    page fault per 4 KiB page; on the CPU that made eval BatchNorm and copies 2-3x slower than
+    in-place ops on the same data. With ``M_MMAP_MAX = 0`` and a huge ``M_TRIM_THRESHOLD`` the
+    memory of one layer's activations is reused by the next without faults. The process keeps
+    its peak heap after a run (it is reused by the next run). Disable with
+    ``KNEE_KEEP_FREED_MEMORY=0``. Returns whether the setting was applied (glibc Linux only).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("KNEE_KEEP_FREED_MEMORY", "1") == "0":
+        return _MALLOC_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        _MALLOC_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        _MALLOC_TUNED = False
+    return _MALLOC_TUNED
+
+
 def _xla_precision() -> None:
-    """Ask XLA for full-precision fp32 matmuls/convolutions (TPUs default to bf16 passes)."""
+    """Ask XLA for full-precision fp32 matmuls/convolutions (TPUs default to bf16 passes).
+
+    torch_xla logs a warning ("setting mat mul precision multiple times") on every call of the
+    setter: it is called only when needed, with that logger quietened.
+    """
     try:
         import torch_xla.backends
 
-        torch_xla.backends.set_mat_mul_precision("highest")
+        if torch_xla.backends.get_mat_mul_precision() != "highest":
+            log = logging.getLogger("torch_xla.backends")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                torch_xla.backends.set_mat_mul_precision("highest")
+            finally:
+                log.setLevel(level)
     except Exception:  # pragma: no cover - older torch_xla
         pass
 
@@ -335,7 +473,10 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
         info["xla_compilations"] = after[0] - compile_before[0]
         info["xla_compile_time_s"] = round(after[1] - compile_before[1], 3)
     info["bucket"] = prepared.bucket
+    if dev.type == "cpu":
+        info["glibc_keep_freed_memory"] = _MALLOC_TUNED
     info["channels_last"] = prepared.channels_last
+    info["compute"] = prepared.compute
     return Features(
         layer_names=names,
         vectors=vectors,
@@ -346,6 +487,38 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
         gflop={n: sum(v.values()) for n, v in per_layer.items()},
         device_info=info,
     )
+
+
+def _xla_pooled_mean(output: torch.Tensor, valid: Sequence[int] | None, padded: Sequence[int] | None) -> torch.Tensor:
+    """(N, C) fp32 mean of ``output`` over the part of it that corresponds to the valid crop.
+
+    The eager path slices the valid part; on XLA a slice's size is baked into the compiled
+    graph, so two crops bucketed to the same shape would still compile twice. Here the valid
+    part enters as data instead: a separable weight (1/k on the first k voxels of each axis,
+    0 after) multiplies the output and the product is summed, so the graph depends on the
+    padded shape only. Same extents as the eager path: ``ceil(valid * out / padded)``.
+    """
+    out = tuple(int(n) for n in output.shape[2:])
+    if valid is None or padded is None:
+        keep = out
+    else:
+        keep = tuple(math.ceil(v * o / p) for v, o, p in zip(valid, out, padded))
+    wd, wh, ww = _xla_pool_weights(str(output.device), out, keep)
+    weight = wd[:, None, None] * wh[None, :, None] * ww[None, None, :]
+    return torch.sum(output * weight, dim=(2, 3, 4), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _xla_pool_weights(
+    device: str, out: tuple[int, ...], keep: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis pooling weights on ``device`` (device data, uploaded once per (shape, extent))."""
+    weights = []
+    for n, k in zip(out, keep):
+        w = torch.zeros(n, dtype=torch.float32)
+        w[:k] = 1.0 / k
+        weights.append(w.to(device))
+    return weights[0], weights[1], weights[2]
 
 
 def _xla_compiles() -> tuple[int, float]:

@@ -276,27 +276,59 @@ class DenseNet3d(nn.Sequential):
     """The inflated DenseNet-121 ``features`` stack, input (N, 1, d, h, w), with layer names as in
     torchvision (``conv0``, ``denseblock1.denselayer1.conv1``, ..., ``norm5``).
 
-    ``forward`` writes each dense block's layers into one pre-allocated buffer instead of
-    re-concatenating the growing feature stack at every layer (torchvision's ``torch.cat``),
-    computing exactly the same function; ``forward_reference`` is torchvision's own forward.
+    ``forward`` computes the same function as torchvision's (``forward_reference``) with far
+    less memory traffic, for inference only:
+
+    * each dense block writes its layers' outputs into one pre-allocated buffer instead of
+      re-concatenating the growing feature stack at every layer (``torch.cat``);
+    * eval-mode BatchNorm + ReLU is one multiply-add pass plus an in-place clamp, done in place
+      wherever the input is not needed afterwards (conv outputs, the block buffer before a
+      transition), so no second copy of the largest activations is ever allocated;
+    * ``norm5`` (no conv after it) is skipped: ``forward`` returns the last dense block's output.
+
+    Every Conv3d is still called as a module, so forward hooks see every conv output.
     """
 
     inflation: str = "mean"
     weights_info: WeightsInfo | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        for module in self:
-            x = _dense_block_forward(module, x) if isinstance(module, _DenseBlock) else module(x)
+        x = self.pool0(bn_relu(self.norm0, self.conv0(x), inplace=True))
+        blocks = [m for m in self if isinstance(m, _DenseBlock)]
+        for i, block in enumerate(blocks, start=1):
+            x = _dense_block_forward(block, x)
+            if i < len(blocks):
+                trans = getattr(self, f"transition{i}")
+                x = trans.pool(trans.conv(bn_relu(trans.norm, x, inplace=True)))
         return x
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """torchvision's forward (``torch.cat`` per layer): the oracle for ``forward``."""
-        return nn.Sequential.forward(self, x)
+        """torchvision's modules' own forward (``torch.cat`` per layer), also without ``norm5``:
+        the oracle for ``forward``."""
+        for module in self:
+            if module is not self.norm5:
+                x = module(x)
+        return x
 
     @property
     def conv_names(self) -> list[str]:
         """Names of all Conv3d layers in execution order."""
         return [name for name, m in self.named_modules() if isinstance(m, nn.Conv3d)]
+
+
+def bn_relu(bn: nn.BatchNorm3d, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``relu(bn(x))`` for an eval-mode BatchNorm as ``max(x * scale + shift, 0)``.
+
+    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``
+    (float32, then cast to ``x``'s dtype). With ``inplace`` the result overwrites ``x``; otherwise
+    a new tensor in ``x``'s memory format is returned (a channel slice of a buffer may be given).
+    """
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale, shift = scale.to(x.dtype).view(shape), shift.to(x.dtype).view(shape)
+    out = torch.addcmul(shift, x, scale, out=x) if inplace else torch.addcmul(shift, x, scale)
+    return out.relu_()
 
 
 def _dense_block_forward(block: _DenseBlock, x: torch.Tensor) -> torch.Tensor:
@@ -308,8 +340,8 @@ def _dense_block_forward(block: _DenseBlock, x: torch.Tensor) -> torch.Tensor:
     buf[:, :c] = x
     del x
     for layer in layers:
-        bottleneck = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
-        buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(bottleneck)))
+        bottleneck = layer.conv1(bn_relu(layer.norm1, buf[:, :c]))
+        buf[:, c : c + growth] = layer.conv2(bn_relu(layer.norm2, bottleneck, inplace=True))
         del bottleneck
         c += growth
     return buf
@@ -391,3 +423,113 @@ def min_input_size(model: nn.Module) -> int:
 def versions() -> dict[str, str]:
     """torch and torchvision versions (recorded in the provenance)."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+# ----------------------------------------------------------------------------- 2D check
+
+
+@dataclass(frozen=True)
+class InflationCheck:
+    """The inflated network against torchvision's 2D DenseNet-121 on a depth-constant volume.
+
+    Per Conv layer (execution order): cosine and relative L2 error between the 3D layer's
+    output averaged over (d, h, w) and the 2D layer's output averaged over (h, w), the 2D
+    network seeing the same image as R = G = B. ``conv0_interior_rel_error`` compares conv0
+    slice by slice on the depth slices whose kernel does not reach the zero-padded depth border.
+    """
+
+    mode: str
+    weights: str
+    volume_shape: tuple[int, int, int]  #: (d, h, w) voxels of the depth-constant volume
+    layer_names: list[str]
+    cosine: list[float]
+    rel_error: list[float]
+    conv0_interior_rel_error: float
+
+    @property
+    def min_cosine(self) -> float:
+        return min(self.cosine)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max(self.rel_error)
+
+    def summary(self) -> str:
+        worst = self.layer_names[self.rel_error.index(self.max_rel_error)]
+        return (
+            f"2D vs 3D ({self.mode} inflation, {self.weights}) on a depth-constant volume "
+            f"{'x'.join(map(str, self.volume_shape))} (d x h x w voxels):\n"
+            f"  conv0, interior depth slices: relative error {self.conv0_interior_rel_error:.2e}\n"
+            f"  pooled features, all {len(self.layer_names)} conv layers: min cosine {self.min_cosine:.6f}, "
+            f"max relative error {self.max_rel_error:.2e} ({worst})\n"
+            f"  last conv ({self.layer_names[-1]}): cosine {self.cosine[-1]:.6f}"
+        )
+
+
+def _model_2d_like(net: DenseNet3d) -> nn.Module:
+    """torchvision's 2D DenseNet-121 with the weights ``net`` was inflated from (per its ``weights_info``)."""
+    info = net.weights_info
+    if info is None:
+        raise ValueError("the network has no weights_info: cannot rebuild its 2D original")
+    source = {"random": "random", "imagenet": "imagenet", "file": info.path}[info.source]
+    model2d, _ = load_densenet121_2d(source or "random", info.seed or 0)
+    return model2d
+
+
+def check_against_2d(net: DenseNet3d, image: Any = None, depth: int = 64, size: int = 64) -> InflationCheck:
+    """Run ``net`` on ``image`` repeated ``depth`` times along d and torchvision's 2D network on ``image``.
+
+    ``image``: a 2D (h, w) array (e.g. an axial slice of a normalised crop); its central
+    ``size`` x ``size`` patch is used (zero-padded if smaller). None = a seeded N(0, 1) image.
+    Runs on the CPU in float32 (a copy of the weights when ``net`` lives on another device).
+    ``center`` inflation should agree at every layer up to float rounding; ``mean`` agrees on
+    interior slices, while the zero padding at the two depth borders shifts the pooled features.
+    """
+    import numpy as np
+
+    from .extract import PooledHooks
+
+    if image is None:
+        image = np.random.default_rng(0).standard_normal((size, size))
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"image must be 2D (h, w), got shape {img.shape}")
+    top = [max((n - size) // 2, 0) for n in img.shape]
+    img = img[top[0] : top[0] + size, top[1] : top[1] + size]
+    img = np.pad(img, [(0, size - n) for n in img.shape])
+    model2d = _model_2d_like(net)
+    if next(net.parameters()).device.type != "cpu":
+        cpu = inflate_densenet121("random", net.inflation)
+        cpu.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in net.state_dict().items()})
+        cpu.weights_info = net.weights_info
+        net = cpu
+    x2 = torch.from_numpy(img)[None, None]
+    x3 = x2[:, :, None].expand(1, 1, depth, size, size).contiguous()
+    pooled2: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: pooled2.append(out.float().mean(dim=(2, 3))[0]))
+        for m in model2d.features.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.inference_mode():
+            model2d.features(x2.expand(1, 3, size, size))
+            with PooledHooks(net) as hooks:
+                net(x3)
+            pooled3 = [p[0].float() for p in hooks.pooled]
+            names = list(hooks.names)
+            c0_3d = net.conv0(x3)[0]
+            c0_2d = model2d.features.conv0(x2.expand(1, 3, size, size))[0]
+    finally:
+        for h in handles:
+            h.remove()
+    k, s, p = net.conv0.kernel_size[0], net.conv0.stride[0], net.conv0.padding[0]
+    interior = [j for j in range(c0_3d.shape[1]) if s * j - p >= 0 and s * j - p + k <= depth]
+    c0_err = float((c0_3d[:, interior] - c0_2d[:, None]).norm() / (c0_2d.norm() * len(interior) ** 0.5).clamp_min(1e-12))
+    cos, rel = [], []
+    for a, b in zip(pooled3, pooled2):
+        a64, b64 = a.double(), b.double()
+        cos.append(float(a64 @ b64 / (a64.norm() * b64.norm()).clamp_min(1e-300)))
+        rel.append(float((a64 - b64).norm() / b64.norm().clamp_min(1e-300)))
+    info = net.weights_info
+    return InflationCheck(net.inflation, info.source if info else "?", (depth, size, size), names, cos, rel, c0_err)
