@@ -188,6 +188,38 @@ def _cube(value: int | tuple[int, ...], what: str) -> tuple[int, int, int]:
     return (value[0],) * 3
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that runs oneDNN for float32 inference on the CPU.
+
+    For a float32 batch-1 input with a 3x3x3 (or smaller) kernel and ``N*C*D*H <= 20480``,
+    PyTorch's dispatcher picks its im2col ``slow_conv3d`` path, about 20x slower than oneDNN for
+    DenseNet's deepest layers (e.g. 128 -> 32 channels on 6x16x16 voxels: 20 ms vs 1 ms), and it
+    returns contiguous (not channels-last) outputs. Everything else (GPU, XLA, bf16, autocast,
+    autograd) goes through the standard path. Same parameters, same state dict.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            input.device.type == "cpu"
+            and input.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+            and torch.backends.mkldnn.is_available()
+            and not _cpu_autocast()
+        ):
+            return torch.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def inflate_conv(conv: nn.Conv2d, mode: str = "mean") -> nn.Conv3d:
     """Conv2d (k x k) -> Conv3d (k x k x k) with weights inflated by ``mode`` (``mean`` or ``center``)."""
     if mode not in INFLATION_MODES:
@@ -195,7 +227,7 @@ def inflate_conv(conv: nn.Conv2d, mode: str = "mean") -> nn.Conv3d:
     k = _cube(conv.kernel_size, "kernel")[0]
     if isinstance(conv.padding, str):
         raise ValueError("string padding is not supported")
-    conv3d = nn.Conv3d(
+    conv3d = Conv3d(
         conv.in_channels,
         conv.out_channels,
         kernel_size=k,
@@ -263,7 +295,7 @@ def collapse_rgb(conv: nn.Conv3d) -> nn.Conv3d:
     For a grey input g, ``conv_rgb(g, g, g) == conv_grey(g)`` exactly (up to float rounding),
     which keeps the following pretrained BatchNorm statistics valid (see the module doc).
     """
-    grey = nn.Conv3d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+    grey = Conv3d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                      bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)  # fmt: skip
     with torch.no_grad():
         grey.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
@@ -299,7 +331,7 @@ class DenseNet3d(nn.Sequential):
             x = _dense_block_forward(block, x)
             if i < len(blocks):
                 trans = getattr(self, f"transition{i}")
-                x = trans.pool(trans.conv(bn_relu(trans.norm, x, inplace=True)))
+                x = avg_pool(trans.pool, trans.conv(bn_relu(trans.norm, x, inplace=True)))
         return x
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,8 +359,39 @@ def bn_relu(bn: nn.BatchNorm3d, x: torch.Tensor, inplace: bool = False) -> torch
     shift = bn.bias - bn.running_mean * scale
     shape = (1, -1) + (1,) * (x.dim() - 2)
     scale, shift = scale.to(x.dtype).view(shape), shift.to(x.dtype).view(shape)
-    out = torch.addcmul(shift, x, scale, out=x) if inplace else torch.addcmul(shift, x, scale)
+    if inplace:
+        out = torch.addcmul(shift, x, scale, out=x)
+    else:
+        fmt = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+        out = torch.addcmul(shift, x, scale, out=torch.empty_like(x, memory_format=fmt))
     return out.relu_()
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` (or the buffer it is a channel slice of) is laid out channels-last."""
+    return x.dim() == 5 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def avg_pool(pool: nn.AvgPool3d, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)``; for channels-last CPU tensors as a depthwise oneDNN convolution with weights
+    1/k^3, which gives the same numbers ~8x faster than ``avg_pool3d`` (which converts a
+    channels-last input to contiguous and back)."""
+    k, s, p = (_cube(getattr(pool, a), a) for a in ("kernel_size", "stride", "padding"))
+    if (
+        x.device.type == "cpu"
+        and _channels_last(x)
+        and p == (0, 0, 0)
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        c = x.shape[1]
+        weight = torch.full((c, 1, *k), 1.0 / (k[0] * k[1] * k[2]), dtype=x.dtype)
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        return torch.mkldnn_convolution(x, weight, None, p, s, (1, 1, 1), c)
+    return pool(x)
 
 
 def _dense_block_forward(block: _DenseBlock, x: torch.Tensor) -> torch.Tensor:

@@ -60,15 +60,36 @@ def test_center_inflation_reproduces_2d_network_at_every_conv_layer(model2d, gre
     assert max(errors) <= 1e-5, f"worst layer {net.conv_names[int(np.argmax(errors))]}: {max(errors):.2e}"
 
 
-def test_memory_efficient_forward_equals_torchvision_forward(random_net):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_memory_efficient_forward_equals_torchvision_forward(random_net, fmt):
     gen = torch.Generator().manual_seed(3)
-    volume = torch.randn(1, 1, 33, 40, 36, generator=gen)
+    volume = torch.randn(1, 1, 33, 40, 36, generator=gen).contiguous(memory_format=fmt)
     fast, ref = _pooled_3d(random_net, volume), _pooled_3d(random_net, volume, reference=True)
     assert max(_rel_err(a, b) for a, b in zip(fast, ref)) <= 1e-5
     with torch.inference_mode():
         out, expected = random_net(volume), random_net.forward_reference(volume)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert expected.abs().max() > 1e-2  # a non-trivial output
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 9, 12, 15), (1, 7, 4, 5, 6)])
+def test_avg_pool_fast_path_equals_avgpool3d(shape):
+    pool = nn.AvgPool3d(2, 2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        out = inflate.avg_pool(pool, x)
+        torch.testing.assert_close(out, pool(x.contiguous()), rtol=1e-6, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_conv3d_uses_onednn_where_pytorch_would_pick_its_slow_path():
+    conv = inflate.Conv3d(16, 8, 3, padding=1, bias=False)  # N*C*D*H = 16*4*5 < 20480
+    x = torch.randn(1, 16, 4, 5, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = conv(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    torch.testing.assert_close(out, nn.functional.conv3d(x, conv.weight, None, 1, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_bn_relu_equals_batchnorm_then_relu(random_net):
