@@ -27,6 +27,13 @@ $(XLA_VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m helpers.phantom --preset small --out data
 	$(PY) pipeline.py --volume data/knee_small_ct.nii.gz --mask data/knee_small_mask.nii.gz --output outputs/results.csv --device auto
+	@# The notebook, headless, same scan and settings: executed copy in outputs/, results + figures in outputs/notebook/.
+	@# -k python3 with the env's kernelspec first = this virtual env's interpreter (it has helpers installed).
+	mkdir -p outputs/notebook
+	JUPYTER_PREFER_ENV_PATH=1 $(PY) -m papermill notebooks/knee_ct_pipeline.ipynb outputs/knee_ct_pipeline.ipynb \
+		-k python3 -p device auto -p output_dir outputs/notebook
+	@cmp -s outputs/results.csv outputs/notebook/results.csv \
+		&& echo "notebook results.csv is byte-identical to the CLI's" || echo "note: notebook and CLI results.csv differ"
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
