@@ -118,18 +118,18 @@ def bounding_box(mask: np.ndarray, label: int, pad: int = 5) -> Box:
 
 
 def _moments(values: np.ndarray, inside: np.ndarray | None) -> tuple[float, float, int]:
-    """Mean, standard deviation and count of ``values[inside]`` in float64, slab by slab."""
-    n, total = 0, 0.0
-    for d in range(0, values.shape[0], 8):
-        v = values[d : d + 8] if inside is None else values[d : d + 8][inside[d : d + 8]]
-        n += v.size
-        total += float(v.sum(dtype=np.float64))
-    mean = total / max(n, 1)
-    sq = 0.0
-    for d in range(0, values.shape[0], 8):
-        v = values[d : d + 8] if inside is None else values[d : d + 8][inside[d : d + 8]]
-        sq += float(np.square(v.astype(np.float64) - mean).sum())
-    return mean, (sq / max(n, 1)) ** 0.5, n
+    """Mean, standard deviation and count of ``values[inside]``, accumulated in float64 slab by
+    slab (no full-size temporaries)."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for d in range(0, values.shape[0], 16):
+        v = values[d : d + 16].astype(np.float64)
+        w = None if inside is None else inside[d : d + 16]
+        n += v.size if w is None else int(np.count_nonzero(w))
+        s1 += float(np.add.reduce(v, axis=None, where=True if w is None else w))
+        np.multiply(v, v, out=v)
+        s2 += float(np.add.reduce(v, axis=None, where=True if w is None else w))
+    mean = s1 / max(n, 1)
+    return mean, max(s2 / max(n, 1) - mean * mean, 0.0) ** 0.5, n
 
 
 def normalise(
@@ -155,7 +155,7 @@ def normalise(
         out -= np.float32(IMAGENET_GREY_MEAN / IMAGENET_GREY_STD)
         stats = {"level_hu": level, "width_hu": width}
     if inside is not None:
-        out[~inside] = 0.0
+        np.multiply(out, inside, out=out)  # outside the region -> the neutral value 0
     return out, stats
 
 
@@ -235,6 +235,9 @@ def crop_regions(
     """
     labels = parse_labels(labels) if not isinstance(labels, Mapping) else dict(labels)
     counts = label_counts(scan.mask)
+    for name in names:  # an empty label is the error, before any crop or warning is printed
+        if labels[name] not in counts:
+            raise InputError(f"{scan.mask_path}: {name} label {labels[name]} has no voxels (check --labels)")
     extra = sorted(set(counts) - set(labels.values()))
     if extra:
         warn(f"{scan.mask_path}: mask labels {extra} are not in the label map {labels}; they belong to no region")
