@@ -331,7 +331,11 @@ class DenseNet3d(nn.Sequential):
     tile_voxels: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = self.pool0(bn_relu(self.norm0, self.conv0(x), inplace=True))
+        stem = x.shape[3] * x.shape[4] // 4  # conv0 output voxels per depth slice
+        if self.tile_voxels and stem * x.shape[2] // 2 > self.tile_voxels:
+            x = _stem_tiled(self, x, max(2, self.tile_voxels // (2 * stem)))
+        else:
+            x = self.pool0(bn_relu(self.norm0, self.conv0(x), inplace=True))
         blocks = [m for m in self if isinstance(m, _DenseBlock)]
         for i, block in enumerate(blocks, start=1):
             x = _dense_block_forward(block, x, self.tile_voxels)
@@ -413,6 +417,58 @@ def partial_rows(module: nn.Module, lo: int, hi: int, total: int) -> Iterator[No
         yield
     finally:
         module.partial_rows = None
+
+
+def _rows(module: nn.Module, x: torch.Tensor, r0: int, r1: int, owned: tuple[int, int] | None = None) -> torch.Tensor:
+    """Depth rows ``r0:r1`` of ``module(x)`` (a conv or pool), computed from the slab of ``x`` they need.
+
+    The slab starts on a multiple of the stride, so slab output row ``j`` is global row
+    ``start // stride + j``; the rows taken never see the slab's own padding except at the
+    volume's true borders, where it is the padding the whole input would get. ``owned`` are the
+    global rows whose output a hook should count (tiles that overlap count each row once).
+    """
+    k, s, p = (_cube(getattr(module, a), a)[0] for a in ("kernel_size", "stride", "padding"))
+    start = max(s * r0 - p, 0)
+    start -= start % s
+    end = min(s * (r1 - 1) - p + k, x.shape[2])
+    base = start // s
+    ctx = partial_rows(module, owned[0] - base, owned[1] - base, -1) if owned else contextlib.nullcontext()
+    with ctx:
+        out = module(x[:, :, start:end])
+    assert out.shape[2] >= r1 - base, "tile arithmetic"
+    return out[:, :, r0 - base : r1 - base]
+
+
+def _stem_tiled(net: DenseNet3d, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """conv0 -> norm0 -> relu0 -> pool0 in depth tiles of ``rows`` pooled slices (same function),
+    so the 64-channel full-resolution conv0 output never exists whole (1.8 GB for a 512 x 512 x
+    216 scan)."""
+    d0 = _out(x.shape[2], *(_cube(getattr(net.conv0, a), a)[0] for a in ("kernel_size", "stride", "padding")))
+    kp, sp, pp = (_cube(getattr(net.pool0, a), a)[0] for a in ("kernel_size", "stride", "padding"))
+    depth = _out(d0, kp, sp, pp)
+    out: torch.Tensor | None = None
+    for p0 in range(0, depth, rows):
+        p1 = min(p0 + rows, depth)
+        c0 = max(sp * p0 - pp, 0)
+        c0 -= c0 % sp
+        c1 = min(sp * (p1 - 1) - pp + kp, d0)
+        owned = (0 if p0 == 0 else sp * p0, d0 if p1 == depth else sp * p1)
+        y = bn_relu(net.norm0, _rows(net.conv0, x, c0, c1, owned), inplace=True)
+        tile = _pool_rows(net.pool0, y, c0, p0, p1)
+        if out is None:
+            fmt = torch.channels_last_3d if _channels_last(tile) else torch.contiguous_format
+            out = torch.empty((*tile.shape[:2], depth, *tile.shape[3:]), dtype=tile.dtype, device=tile.device, memory_format=fmt)
+        out[:, :, p0:p1] = tile
+        del y, tile
+    assert out is not None
+    return out
+
+
+def _pool_rows(pool: nn.Module, y: torch.Tensor, y0: int, p0: int, p1: int) -> torch.Tensor:
+    """Rows ``p0:p1`` of ``pool`` applied to the whole activation, given its rows ``y0:`` in ``y``
+    (``y0`` a multiple of the stride, ``y`` holding every row those outputs read)."""
+    s = _cube(pool.stride, "stride")[0]
+    return pool(y)[:, :, p0 - y0 // s : p1 - y0 // s]
 
 
 def _dense_block_forward(block: _DenseBlock, x: torch.Tensor, tile_voxels: int | None = None) -> torch.Tensor:
