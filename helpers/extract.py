@@ -12,10 +12,15 @@ Precision: ``fp32``, ``bf16``, ``fp16`` (through ``torch.autocast``; pooled vect
 accumulated in float32). ``auto`` is bf16 on GPUs that support it (fp16 on older ones) and
 fp32 on CPU and XLA.
 
-Bucketing (``bucket=N``): each crop is padded at its far end with the neutral value 0 up to
-a multiple of N voxels per axis, and every layer is pooled over the part of its output that
-corresponds to the unpadded crop (``ceil(valid * out / padded)`` voxels per axis). With XLA
-this bounds the number of compiled graphs; it works on every device.
+Bucketing (``bucket=N``): each crop is padded at its far end with zeros up to a multiple of
+N voxels per axis, and the padded forward is made to compute exactly what the unpadded one
+computes on the crop: before every conv/pool that pads (``padding > 0``), the part of its
+input outside the crop's extent is zeroed (so the layer sees the zeros its own padding would
+give; after BatchNorm + ReLU the padded part is no longer zero), and every conv output is
+pooled over exactly the voxels the unpadded forward produces (:func:`valid_extents`). The
+pooled vectors equal the unbucketed ones up to float rounding (measured: README 'GPU and
+TPU'). On XLA, where every input shape is one graph compilation, crops of one bucket share a
+graph; it works on every device.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import functools
 import glob
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -227,8 +231,10 @@ class PooledHooks:
     """Forward hooks on every Conv3d of ``model`` that keep only ``output.mean((d, h, w))``.
 
     Use as a context manager; ``pooled`` collects (N, C) float32 device tensors in execution
-    order. ``valid_fraction`` (per axis) restricts pooling to the unpadded part of a bucketed
-    input. ``on_layer(name)`` is called after each layer (progress).
+    order. For a bucketed input set ``valid`` (the crop's shape) and ``padded`` (the input's):
+    forward pre-hooks then zero the padded part of every padding conv/pool input and pooling
+    covers only the valid part (see the module doc). ``on_layer(name)`` is called after each
+    layer (progress).
     """
 
     def __init__(self, model: nn.Module, on_layer: Any = None) -> None:
@@ -244,6 +250,8 @@ class PooledHooks:
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Conv3d):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
+            if _pads(module):
+                self._handles.append(module.register_forward_pre_hook(self._zero_padding))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,11 +261,11 @@ class PooledHooks:
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            keep = self._extent(tuple(output.shape[2:]), output.device.type)
             if output.device.type == "xla":  # one graph per padded shape, whatever the valid part
-                self.pooled.append(_xla_pooled_mean(output, self.valid, self.padded))
+                self.pooled.append(_xla_pooled_mean(output, keep))
             else:
-                if self.valid is not None and self.padded is not None:
-                    keep = [math.ceil(v * o / p) for v, o, p in zip(self.valid, output.shape[2:], self.padded)]
+                if keep is not None:
                     output = output[:, :, : keep[0], : keep[1], : keep[2]]
                 self.pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
             self.names.append(name)
@@ -269,6 +277,56 @@ class PooledHooks:
     def reset(self) -> None:
         self.pooled.clear()
         self.names.clear()
+
+    def _extent(self, size: tuple[int, ...], device_type: str) -> tuple[int, ...] | None:
+        """The valid part of an activation of spatial ``size``; None when not bucketed.
+
+        On XLA an input with ``padded`` set always gets an extent (the whole activation for a
+        crop that fits its bucket exactly), so that the graph does not depend on the crop's size.
+        """
+        if self.padded is None or (self.valid is None and device_type != "xla"):
+            return None
+        extents = valid_extents(self.model, self.valid or self.padded, self.padded)
+        if size not in extents:  # e.g. a depth tile (DenseNet3d.tile_voxels): its offset is unknown here
+            raise RuntimeError(f"bucketing: activation of unexpected size {size} (depth tiling cannot be bucketed)")
+        return extents[size]
+
+    def _zero_padding(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Forward pre-hook: zero the input outside its valid part (bucketed inputs only)."""
+        x = args[0]
+        size = tuple(x.shape[2:])
+        keep = self._extent(size, x.device.type)
+        if keep is None or (keep == size and x.device.type != "xla"):
+            return None
+        md, mh, mw = _axis_weights(str(x.device), size, keep, False)
+        mask = (md[:, None, None] * mh[None, :, None] * mw[None, None, :]).to(x.dtype)
+        return (x * mask, *args[1:])
+
+
+def _pads(module: nn.Module) -> bool:
+    """True for a Conv3d/MaxPool3d/AvgPool3d that pads its input (``padding > 0``)."""
+    if not isinstance(module, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)):
+        return False
+    padding = module.padding
+    return any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))  # type: ignore[operator]
+
+
+@functools.lru_cache(maxsize=64)
+def valid_extents(model: nn.Module, valid: tuple[int, ...], padded: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """For a crop of shape ``valid`` zero-padded at its far end to ``padded``: each spatial size an
+    activation has in the padded forward -> the size of the same activation in the unpadded
+    forward, i.e. the leading part of it that the crop alone determines.
+
+    A conv/pool output voxel ``i < out(valid)`` reads input voxels up to ``valid + padding - 1``:
+    the valid part plus what the layer's own zero padding supplies in the unpadded forward
+    (for max pooling after ReLU, zeros give the same maximum as its implicit -inf). So with
+    the padded part of every padding layer's input zeroed, the valid part is exact.
+    """
+    extents = {tuple(padded): tuple(valid)}
+    for p, v in zip(conv_shapes(model, tuple(padded)), conv_shapes(model, tuple(valid))):
+        if extents.setdefault(p.out_size, v.out_size) != v.out_size:
+            raise ValueError(f"bucketing: two activations of size {p.out_size} with different valid parts")
+    return extents
 
 
 @dataclass
@@ -489,34 +547,33 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
     )
 
 
-def _xla_pooled_mean(output: torch.Tensor, valid: Sequence[int] | None, padded: Sequence[int] | None) -> torch.Tensor:
-    """(N, C) fp32 mean of ``output`` over the part of it that corresponds to the valid crop.
+def _xla_pooled_mean(output: torch.Tensor, keep: tuple[int, ...] | None) -> torch.Tensor:
+    """(N, C) fp32 mean of ``output`` over its leading ``keep`` voxels per axis (None: all).
 
     The eager path slices the valid part; on XLA a slice's size is baked into the compiled
     graph, so two crops bucketed to the same shape would still compile twice. Here the valid
     part enters as data instead: a separable weight (1/k on the first k voxels of each axis,
     0 after) multiplies the output and the product is summed, so the graph depends on the
-    padded shape only. Same extents as the eager path: ``ceil(valid * out / padded)``.
+    padded shape only.
     """
     out = tuple(int(n) for n in output.shape[2:])
-    if valid is None or padded is None:
-        keep = out
-    else:
-        keep = tuple(math.ceil(v * o / p) for v, o, p in zip(valid, out, padded))
-    wd, wh, ww = _xla_pool_weights(str(output.device), out, keep)
+    wd, wh, ww = _axis_weights(str(output.device), out, keep or out, True)
     weight = wd[:, None, None] * wh[None, :, None] * ww[None, None, :]
     return torch.sum(output * weight, dim=(2, 3, 4), dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=256)
-def _xla_pool_weights(
-    device: str, out: tuple[int, ...], keep: tuple[int, ...]
+def _axis_weights(
+    device: str, size: tuple[int, ...], keep: tuple[int, ...], mean: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-axis pooling weights on ``device`` (device data, uploaded once per (shape, extent))."""
+    """Per-axis float32 weights on ``device``: 1 (``mean``: 1/k) on the first k voxels, 0 after.
+
+    Cached, so each (size, extent) is uploaded once: on XLA they are device data, not constants.
+    """
     weights = []
-    for n, k in zip(out, keep):
+    for n, k in zip(size, keep):
         w = torch.zeros(n, dtype=torch.float32)
-        w[:k] = 1.0 / k
+        w[:k] = 1.0 / k if mean else 1.0
         weights.append(w.to(device))
     return weights[0], weights[1], weights[2]
 
