@@ -233,15 +233,18 @@ class PooledHooks:
     Use as a context manager; ``pooled`` collects (N, C) float32 device tensors in execution
     order. For a bucketed input set ``valid`` (the crop's shape) and ``padded`` (the input's):
     forward pre-hooks then zero the padded part of every padding conv/pool input and pooling
-    covers only the valid part (see the module doc). ``on_layer(name)`` is called after each
-    layer (progress).
+    covers only the valid part (see the module doc). A layer computed in depth tiles
+    (``DenseNet3d.tile_voxels``; the module's ``partial_rows`` says which rows of each call are
+    its own) is summed tile by tile and pooled once, in its place in the execution order.
+    ``on_layer(name, fraction)`` is called after each layer or tile (progress).
     """
 
     def __init__(self, model: nn.Module, on_layer: Any = None) -> None:
         self.model = model
         self.on_layer = on_layer
-        self.pooled: list[torch.Tensor] = []
-        self.names: list[str] = []
+        self._pooled: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}
         self.valid: tuple[int, int, int] | None = None
         self.padded: tuple[int, int, int] | None = None
         self._handles: list[Any] = []
@@ -259,24 +262,60 @@ class PooledHooks:
             handle.remove()
         self._handles.clear()
 
+    @property
+    def pooled(self) -> list[torch.Tensor]:
+        """(N, C) float32 pooled vectors, one per Conv3d call (or tiled layer), execution order."""
+        self._flush()
+        return self._pooled
+
+    @property
+    def names(self) -> list[str]:
+        """The layer name of each entry of :attr:`pooled`."""
+        self._flush()
+        return self._names
+
+    def _flush(self) -> None:
+        for name, (total, count) in self._pending.items():
+            self._pooled.append(total / count)
+            self._names.append(name)
+        self._pending.clear()
+
+    def _accumulate(self, name: str, output: torch.Tensor, rows: tuple[int, int, int]) -> None:
+        lo, hi, total_rows = rows
+        part = output[:, :, lo:hi]
+        total = torch.sum(part, dim=(2, 3, 4), dtype=torch.float32)
+        count = part.shape[2] * part.shape[3] * part.shape[4]
+        if name in self._pending:
+            prev, n = self._pending[name]
+            total, count = prev + total, n + count
+        self._pending[name] = (total, count)
+        if self.on_layer is not None:
+            self.on_layer(name, (hi - lo) / total_rows if total_rows > 0 else 0.0)
+
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            rows = getattr(module, "partial_rows", None)
+            if rows is not None:
+                self._accumulate(name, output, rows)
+                return
+            self._flush()
             keep = self._extent(tuple(output.shape[2:]), output.device.type)
             if output.device.type == "xla":  # one graph per padded shape, whatever the valid part
-                self.pooled.append(_xla_pooled_mean(output, keep))
+                self._pooled.append(_xla_pooled_mean(output, keep))
             else:
                 if keep is not None:
                     output = output[:, :, : keep[0], : keep[1], : keep[2]]
-                self.pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
-            self.names.append(name)
+                self._pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
+            self._names.append(name)
             if self.on_layer is not None:
-                self.on_layer(name)
+                self.on_layer(name, 1.0)
 
         return hook
 
     def reset(self) -> None:
-        self.pooled.clear()
-        self.names.clear()
+        self._pooled.clear()
+        self._names.clear()
+        self._pending.clear()
 
     def _extent(self, size: tuple[int, ...], device_type: str) -> tuple[int, ...] | None:
         """The valid part of an activation of spatial ``size``; None when not bucketed.
@@ -402,6 +441,9 @@ def prepare_model(
         bucket = None
     if dev.type == "cpu":
         keep_freed_memory()
+    # Depth tiles bound the CPU's peak memory for big scans; a bucketed run pools by
+    # activation size, which tiles would not match, so it does not tile.
+    model.tile_voxels = TILE_VOXELS if dev.type == "cpu" and bucket is None else None
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -412,6 +454,8 @@ def prepare_model(
 
 
 _MALLOC_TUNED = False
+#: Voxels per depth tile of the large activations on the CPU (see ``DenseNet3d.tile_voxels``).
+TILE_VOXELS = 1 << 18
 
 
 def keep_freed_memory() -> bool:
@@ -491,8 +535,8 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
     bar = tqdm(total=round(total, 1), unit="GFLOP", desc="extract", disable=not progress, leave=False)
     current: dict[str, float] = {}
 
-    def on_layer(name: str) -> None:
-        bar.update(round(current.get(name, 0.0), 3))
+    def on_layer(name: str, fraction: float = 1.0) -> None:
+        bar.update(round(current.get(name, 0.0) * fraction, 3))
 
     vectors: dict[str, list[np.ndarray]] = {}
     timings: dict[str, float] = {}

@@ -333,7 +333,7 @@ class DenseNet3d(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         stem = x.shape[3] * x.shape[4] // 4  # conv0 output voxels per depth slice
         if self.tile_voxels and stem * x.shape[2] // 2 > self.tile_voxels:
-            x = _stem_tiled(self, x, max(2, self.tile_voxels // (2 * stem)))
+            x = _stem_tiled(self, x, max(8, self.tile_voxels // (2 * stem)))
         else:
             x = self.pool0(bn_relu(self.norm0, self.conv0(x), inplace=True))
         blocks = [m for m in self if isinstance(m, _DenseBlock)]
@@ -407,7 +407,7 @@ def avg_pool(pool: nn.AvgPool3d, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def partial_rows(module: nn.Module, lo: int, hi: int, total: int) -> Iterator[None]:
     """Mark the next calls of ``module`` as producing depth tiles of one output: only rows
-    ``lo:hi`` of each call's output are real, and all calls together cover ``total`` rows.
+    ``lo:hi`` of each call's output are its own, and all calls together own ``total`` rows.
 
     Forward hooks read ``module.partial_rows`` (``helpers.extract.PooledHooks`` accumulates the
     tiles into one pooled vector per layer).
@@ -419,7 +419,9 @@ def partial_rows(module: nn.Module, lo: int, hi: int, total: int) -> Iterator[No
         module.partial_rows = None
 
 
-def _rows(module: nn.Module, x: torch.Tensor, r0: int, r1: int, owned: tuple[int, int] | None = None) -> torch.Tensor:
+def _rows(
+    module: nn.Module, x: torch.Tensor, r0: int, r1: int, owned: tuple[int, int] | None = None, total: int = -1
+) -> torch.Tensor:
     """Depth rows ``r0:r1`` of ``module(x)`` (a conv or pool), computed from the slab of ``x`` they need.
 
     The slab starts on a multiple of the stride, so slab output row ``j`` is global row
@@ -432,7 +434,7 @@ def _rows(module: nn.Module, x: torch.Tensor, r0: int, r1: int, owned: tuple[int
     start -= start % s
     end = min(s * (r1 - 1) - p + k, x.shape[2])
     base = start // s
-    ctx = partial_rows(module, owned[0] - base, owned[1] - base, -1) if owned else contextlib.nullcontext()
+    ctx = partial_rows(module, owned[0] - base, owned[1] - base, total) if owned else contextlib.nullcontext()
     with ctx:
         out = module(x[:, :, start:end])
     assert out.shape[2] >= r1 - base, "tile arithmetic"
@@ -453,7 +455,7 @@ def _stem_tiled(net: DenseNet3d, x: torch.Tensor, rows: int) -> torch.Tensor:
         c0 -= c0 % sp
         c1 = min(sp * (p1 - 1) - pp + kp, d0)
         owned = (0 if p0 == 0 else sp * p0, d0 if p1 == depth else sp * p1)
-        y = bn_relu(net.norm0, _rows(net.conv0, x, c0, c1, owned), inplace=True)
+        y = bn_relu(net.norm0, _rows(net.conv0, x, c0, c1, owned, d0), inplace=True)
         tile = _pool_rows(net.pool0, y, c0, p0, p1)
         if out is None:
             fmt = torch.channels_last_3d if _channels_last(tile) else torch.contiguous_format

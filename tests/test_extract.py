@@ -107,3 +107,25 @@ def test_named_device_that_is_missing_is_an_error_not_a_fallback():
     assert extract.resolve_device("auto").type in ("cpu", "xla")
     with pytest.raises(InputError):
         extract.resolve_device("gpu")
+
+
+@pytest.mark.parametrize("shape", [(70, 75, 66), (37, 41, 45)])
+def test_depth_tiling_changes_memory_not_results(random_net, shape):
+    """Tiles of a few slices (stem and dense layers) give the same pooled vectors as one piece."""
+    arr = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    region = regions.Region("tibia", 1, tuple((0, n) for n in shape), arr, shape, 1)
+    whole = extract.PreparedModel(random_net, torch.device("cpu"), "fp32", True, None)
+    random_net.tile_voxels = None
+    plain = extract.extract_features(whole, [region], progress=False)
+    random_net.tile_voxels = 2000  # every stem and dense-block-1/2 layer runs in several tiles
+    try:
+        calls: list[str] = []
+        handle = random_net.conv0.register_forward_hook(lambda *_: calls.append("conv0"))
+        tiled = extract.extract_features(whole, [region], progress=True)
+        handle.remove()
+    finally:
+        random_net.tile_voxels = None
+    assert len(calls) > 1, "the stem was not tiled"
+    assert tiled.layer_names == plain.layer_names
+    for a, b in zip(tiled.vectors["tibia"], plain.vectors["tibia"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
