@@ -104,12 +104,13 @@ def test_phantom_is_the_default_input(tmp_path):
     assert out.exists() and out.with_suffix(".npz").exists() and out.with_suffix(".json").exists()
 
 
-def test_one_model_serves_several_runs(phantom_files, cpu_model, first_run, tmp_path):
+def test_one_model_serves_several_runs(phantom_files, first_run, tmp_path):
     ct, mask = phantom_files
     config = pipeline.Config(volume=str(ct), mask=str(mask), output=str(tmp_path / "a.csv"), device="cpu",
                              weights="random", progress=False)  # fmt: skip
-    r1 = pipeline.run(config, cpu_model)
+    model = pipeline.build_model(config)
+    r1 = pipeline.run(config, model)
     config.output = str(tmp_path / "b.csv")
-    r2 = pipeline.run(config, cpu_model)
+    r2 = pipeline.run(config, model)
     assert r1.paths["csv"].read_bytes() == r2.paths["csv"].read_bytes() == first_run.read_bytes()
     assert "model_build" not in r2.provenance["timings_s"]
