@@ -1,0 +1,252 @@
+"""Memory guard: estimate the forward's peak memory before running it, refuse if it cannot fit.
+
+The estimate follows what :meth:`helpers.inflate.DenseNet3d.forward` keeps alive, stage by
+stage, for an input of a given shape (geometry from :func:`helpers.inflate.conv_shapes`;
+``V`` voxels at a stage's resolution, ``e`` bytes per element of the tensor's dtype; the
+caller's fp32 input stays alive throughout). Modelled on the forward with in-place eval
+BatchNorm+ReLU, one pre-allocated buffer per dense block and, where ``model.tile_voxels`` is
+set (CPU), depth tiles:
+
+* stem, whole: conv0's 64-channel output at half resolution, then pool0's output and max
+  pooling's int64 indices; in depth tiles: the whole pooled output plus one tile of conv0's
+  output and of its pooling;
+* each dense layer: the block's input (still referenced by the caller), the block's buffer of
+  ``c0 + 32 L`` channels, the normalised copy of the first ``c`` channels and the 128-channel
+  bottleneck (during conv1; the largest ``c`` counts), or the bottleneck and the 32-channel
+  output (during conv2); in depth tiles, the copies are one tile (+ a halo slice each side);
+* each transition: the buffer (normalised in place), the conv's half-width output and the
+  average-pooled output;
+* autocast (bf16/fp16): conv inputs are cast to the low precision (a copy) and conv outputs
+  are low precision; on the CPU max pooling runs in fp32 (a copy), so block 1 is fp32;
+* bucketing (no tiles then): the forward pre-hooks that zero the padded part copy every
+  padding layer's input (conv0's input, conv0's output before pool0, every bottleneck).
+
+The live-set bytes are multiplied by a factor calibrated against measured peak RSS on the
+CPU (``python tests/test_memory.py`` prints the table) plus a fixed allowance for the first
+forward's library initialisation (oneDNN primitives, thread pools) and allocator slack, and
+autocast's cached low-precision weights. When ``DenseNet3d.forward`` changes, update
+:func:`estimate_peak_bytes` (the one estimator; :func:`_live_set_bytes` is its model) and
+re-run the calibration.
+
+:func:`check_memory` compares the estimate with what is available (``psutil`` and the cgroup
+limit on the CPU, ``torch.cuda.mem_get_info`` plus the allocator's free cache on CUDA; XLA is
+not checked) and raises a one-line :class:`InputError` with the estimate and the remedies,
+unless ``force``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .errors import InputError, warn
+
+#: Upper bound of measured peak RSS / live set on the CPU (1.10-1.55 measured, glibc keeping freed memory); tests/test_memory.py.
+CPU_FACTOR = 1.6
+#: Extra bytes allowed on every device for allocator rounding and library scratch.
+FIXED_OVERHEAD = 128 * 2**20
+#: Extra fraction on CUDA for cuDNN workspaces and the caching allocator's fragmentation.
+CUDA_FACTOR = 1.25
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def estimate_peak_bytes(
+    model: nn.Module, shape: Sequence[int], precision: str = "fp32", device: str = "cpu", bucketed: bool = False
+) -> int:
+    """Estimated peak extra memory (bytes) of one forward of ``model`` on an input of ``shape``
+    (d, h, w voxels, after bucketing) at ``precision`` ("fp32", "bf16", "fp16") on ``device``
+    ("cpu", "cuda", ...); ``bucketed``: the input is zero-padded beyond the crop. The live set
+    of :meth:`DenseNet3d.forward` (see the module doc) times the calibrated factor, plus the
+    fixed allowance and autocast's cached weight copies."""
+    live = _live_set_bytes(model, shape, precision, str(device), bucketed)
+    factor = CPU_FACTOR * (CUDA_FACTOR if str(device).startswith("cuda") else 1.0)
+    low = precision in ("bf16", "fp16")
+    weights = 2 * sum(p.numel() for p in model.parameters()) if low else 0
+    return int(live * factor + weights + FIXED_OVERHEAD)
+
+
+def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, device: str, bucketed: bool = False) -> int:
+    """Largest sum of tensor bytes alive at once during the forward (see the module doc)."""
+    from torchvision.models.densenet import _DenseBlock, _Transition
+
+    from .inflate import _cube, _out, conv_shapes
+
+    low = precision in ("bf16", "fp16")
+    cpu = not device.startswith("cuda")
+    ec = 2 if low else 4  # conv outputs
+    tile = None if bucketed else getattr(model, "tile_voxels", None)
+    convs = {c.name: c for c in conv_shapes(model, tuple(int(n) for n in shape))}
+
+    def cast(e: int) -> int:  # autocast's low-precision copy of a conv input of itemsize e
+        return 2 if low and e == 4 else 0
+
+    d, h, w = (int(n) for n in shape)
+    vox = d * h * w
+    held = 4 * vox + (4 * vox if bucketed else 0)  # the caller's fp32 input (+ the pre-hook's masked copy)
+    c0 = convs["conv0"]
+    ch0, (d1, h1, w1) = c0.out_channels, c0.out_size
+    kp, sp, pp = (_cube(getattr(model.pool0, a), a)[0] for a in ("kernel_size", "stride", "padding"))
+    d2, h2, w2 = (_out(n, kp, sp, pp) for n in (d1, h1, w1))
+    e_pool = 4 if low and cpu else ec  # CPU autocast max-pools in fp32 (a copy), elsewhere in the conv's dtype
+    up = 4 if low and cpu else 0
+    pre = ec if bucketed else 0  # the pre-hook's masked copy of conv0's output before pool0
+    stem = h * w // 4
+    if tile and stem * d // 2 > tile:  # depth tiles: only one tile of conv0's output exists at a time
+        rows = max(8, tile // (2 * stem))
+        n_conv = min(2 * rows + 1, d1)
+        n_pool = (n_conv - 1) // 2 + 1
+        slab = min(2 * n_conv + 5, d) * h * w
+        peak = held + ch0 * d2 * h2 * w2 * e_pool  # the whole pooled output, filled tile by tile
+        peak += cast(4) * slab + ch0 * n_conv * h1 * w1 * (ec + up) + ch0 * n_pool * h2 * w2 * (e_pool + 8)
+    else:
+        v1 = d1 * h1 * w1
+        peak = held + cast(4) * vox + ch0 * v1 * ec  # conv0 (autocast's input copy)
+        peak = max(peak, held + ch0 * v1 * (ec + up + pre) + ch0 * d2 * h2 * w2 * (e_pool + 8))  # pool0 (+ int64 indices)
+    e = e_pool  # dtype of the running activation x
+    c_buf = ch0
+    for name, module in model.named_children():
+        if isinstance(module, _DenseBlock):
+            layers = [n for n, _ in module.named_children()]
+            conv1, conv2 = convs[f"{name}.{layers[0]}.conv1"], convs[f"{name}.{layers[0]}.conv2"]
+            depth, plane = conv1.out_size[0], conv1.out_size[1] * conv1.out_size[2]
+            v = depth * plane
+            c_in, b, g = conv1.in_channels, conv1.out_channels, conv2.out_channels
+            c_last = c_in + g * (len(layers) - 1)
+            c_buf = c_in + g * len(layers)
+            base = held + c_in * v * e + c_buf * v * e  # block input (still referenced by the caller) + buffer
+            rows = depth if not tile else max(4, tile // plane)
+            vt = v if rows >= depth else (rows + 2) * plane  # one depth tile and its halo
+            during_conv1 = c_last * vt * (e + cast(e)) + b * vt * ec
+            during_conv2 = b * vt * ec * (2 if bucketed else 1) + g * vt * ec
+            peak = max(peak, base + max(during_conv1, during_conv2))
+        elif isinstance(module, _Transition):
+            conv = convs[f"{name}.conv"]
+            v, half = int(np.prod(conv.out_size)), conv.out_channels
+            peak = max(peak, held + c_buf * v * (e + cast(e)) + half * v * ec)  # buffer, cast, conv output
+            peak = max(peak, held + c_buf * v * e + half * v * ec + half * (v // 8) * ec)  # average pooling
+            e = ec
+    return int(peak)
+
+
+def available_bytes(device: Any = "cpu") -> int | None:
+    """Memory available to this process on ``device`` (bytes), or None where it cannot be known (XLA).
+
+    CPU: ``psutil``'s available memory, capped by the cgroup (container) limit minus its usage
+    net of reclaimable page cache. CUDA: free device memory plus the caching allocator's unused
+    reserve.
+    """
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cpu":
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+        cgroup = _cgroup_available()
+        return min(avail, cgroup) if cgroup is not None else avail
+    if kind == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Bytes left under the cgroup v2 or v1 memory limit (None when unlimited or unknown)."""
+    for limit_f, usage_f, stat_f, key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
+        root = Path("/sys/fs/cgroup")
+        try:
+            raw = (root / limit_f).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                return None
+            usage = int((root / usage_f).read_text())
+            reclaimable = 0
+            for line in (root / stat_f).read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == key:
+                    reclaimable = int(v)
+            return max(int(raw) - (usage - reclaimable), 0)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _fitting_spacing(prepared: Any, shape: Sequence[int], spacing: Sequence[float], avail: int) -> float:
+    """Smallest isotropic spacing (mm, 0.1 mm steps) at which the estimate for this crop fits."""
+    iso = math.ceil(float(np.prod(spacing)) ** (1 / 3) * 10) / 10
+    for _ in range(200):
+        resampled = [max(1, round(n * s / iso)) for n, s in zip(shape, spacing)]
+        try:
+            need = estimate_peak_bytes(prepared.model, resampled, prepared.precision, str(prepared.device))
+        except ValueError:  # too small for the network: any coarser spacing fits
+            return iso
+        if need <= avail:
+            return iso
+        iso = round(iso + 0.1, 1)
+    return iso
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(
+    prepared: Any,
+    shapes: dict[str, Sequence[int]],
+    spacing: Sequence[float] | None = None,
+    source: str = "",
+    force: bool = False,
+) -> dict[str, Any]:
+    """Refuse a forward that would not fit: estimate every region's peak (``shapes``: region ->
+    network input shape, d/h/w voxels) on ``prepared``'s device and precision and compare the
+    largest with :func:`available_bytes`.
+
+    Raises :class:`InputError` (one line: the estimate, what is available, the remedies)
+    unless ``force``, which only warns. ``spacing`` (mm, d/h/w) lets the message suggest a
+    ``--spacing`` that would fit. Returns a record for the provenance.
+    """
+    device, precision = prepared.device, prepared.precision
+    per_region = {
+        n: estimate_peak_bytes(prepared.model, s, precision, str(device), bucketed=bool(prepared.bucket))
+        for n, s in shapes.items()
+    }
+    worst = max(per_region, key=per_region.__getitem__)
+    need = per_region[worst]
+    avail = available_bytes(device)
+    record: dict[str, Any] = {
+        "estimated_peak_bytes": need,
+        "per_region_bytes": per_region,
+        "available_bytes": avail,
+        "device": str(device),
+        "precision": precision,
+        "checked": avail is not None,
+        "forced": bool(force),
+    }
+    if avail is None or need <= avail:
+        return record
+    shape = "x".join(str(int(n)) for n in shapes[worst])
+    remedy = []
+    if spacing is not None:
+        remedy.append(f"--spacing {_fitting_spacing(prepared, shapes[worst], spacing, avail):g} (coarser grid)")
+    else:
+        remedy.append("a coarser --spacing")
+    remedy += ["a smaller --pad", "another --device"]
+    if precision == "fp32" and getattr(device, "type", "") == "cuda":
+        remedy.insert(-1, "--precision bf16")
+    message = (
+        f"{source + ': ' if source else ''}the {worst} forward ({shape} voxels, {precision} on {device}) needs about "
+        f"{_gib(need)} but only {_gib(avail)} is available; use {', '.join(r for r in remedy if r)}, "
+        "or --force to run anyway"
+    )
+    if not force:
+        raise InputError(message)
+    warn(f"--force: {message.split('; use ')[0]}; running anyway")
+    return record
