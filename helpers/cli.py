@@ -8,8 +8,11 @@ are never left half-overwritten.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from . import __version__, extract, inflate, phantom, regions
 from .errors import InputError
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = Config()
     p.add_argument("--volume", help="CT volume, NIfTI (.nii/.nii.gz), Hounsfield units")
-    p.add_argument("--mask", help="label mask, NIfTI, same grid as the volume")
+    p.add_argument("--mask", help="label mask, NIfTI, same grid as the volume; or auto (auto:HU) to segment femur "
+                   "and tibia from the CT (saved as <output>_automask.nii.gz)")
     p.add_argument("--output", default=d.output, help="results CSV; .npz and .json go next to it (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto|cpu|cuda|cuda:N|xla (default: %(default)s)")
     p.add_argument("--precision", default=d.precision, choices=extract.PRECISIONS,
@@ -44,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zscore | window | window:LEVEL,WIDTH in HU (default: %(default)s)")
     p.add_argument("--bucket", type=int, default=None,
                    help="pad crops up to a multiple of N voxels and pool the valid part (default: 32 on xla, off elsewhere)")
+    p.add_argument("--spacing", nargs="+", metavar="MM", default=None,
+                   help="resample to this voxel size in mm: one value (isotropic) or three (x y z); CT linear, "
+                   "mask nearest (default: native grid)")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the memory guard estimates that the forward will not fit")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of random weights (default: %(default)s)")
     p.add_argument("--phantom", default=d.phantom_preset, choices=sorted(phantom.PRESETS),
                    help="phantom preset used when no files are given (default: %(default)s)")
@@ -59,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         volume=args.volume, mask=args.mask, output=args.output, device=args.device, precision=args.precision,
         weights=args.weights, inflation=args.inflation, seed=args.seed, pad=args.pad, labels=args.labels,
         crop=args.crop, normalize=args.normalize, bucket=args.bucket, progress=not args.no_progress,
-        phantom_preset=args.phantom, data_dir=args.data_dir,
+        phantom_preset=args.phantom, data_dir=args.data_dir, spacing=args.spacing, force=args.force,
     )  # fmt: skip
 
 
@@ -67,10 +76,29 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill``, ``timeout``, job schedulers) like Ctrl-C, so that temporary files
+    are removed and earlier results stay as they were (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run(config_from_args(args))
+        with _terminate_as_interrupt():
+            result = run(config_from_args(args))
     except InputError as exc:
         if args.debug:
             raise

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, extract, inflate, io, outputs, phantom, regions, similarity
+from . import __version__, automask, extract, inflate, io, memory, outputs, phantom, regions, resample, similarity
 from .errors import InputError, PipelineWarning
 
 RANDOM_WEIGHTS_BANNER = (
@@ -40,7 +40,9 @@ class Config:
     """Settings of one run (CLI flags have the same names). Paths may be str or Path.
 
     ``volume``/``mask`` empty means the embedded synthetic phantom (``phantom_preset``),
-    written to ``data_dir`` on first use.
+    written to ``data_dir`` on first use. ``mask="auto"`` (or ``"auto:HU"``) segments femur and
+    tibia from the CT (:mod:`helpers.automask`); ``spacing`` resamples to that voxel size
+    (:mod:`helpers.resample`); ``force`` overrides the memory guard (:mod:`helpers.memory`).
     """
 
     volume: str | None = None
@@ -59,6 +61,8 @@ class Config:
     progress: bool = True
     phantom_preset: str = "small"
     data_dir: str = "data"
+    spacing: float | str | tuple[float, ...] | list[str] | None = None  #: mm, x y z (one value: isotropic); None: native
+    force: bool = False  #: run even when the memory guard says the forward will not fit
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -124,17 +128,33 @@ class Run:
         self.config = config
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
-        self.model = model if model is not None else self._stage("model_build", build_model, config)
-        info = self.model.model.weights_info
-        if info is not None and info.is_random:
-            message = f"{RANDOM_WEIGHTS_BANNER} ({info.description})"
-            print(f"*** {message} ***", file=sys.stderr, flush=True)
-            self.warnings.append(message)
+        self._model = model
+        self._announced = False
         self.scan: io.Scan | None = None
         self.labels: dict[str, int] | None = None
         self.regions: list[regions.Region] | None = None
         self.features: extract.Features | None = None
         self.table: similarity.SimilarityTable | None = None
+        self.memory: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> extract.PreparedModel:
+        """The prepared network, built on first use: after the inputs are read, so that bad input
+        fails fast with its one-line error (and no random-weights banner before it)."""
+        if self._model is None:
+            self._model = self._stage("model_build", build_model, self.config)
+        if not self._announced:
+            self._announced = True
+            info = self._model.model.weights_info
+            if info is not None and info.is_random:
+                message = f"{RANDOM_WEIGHTS_BANNER} ({info.description})"
+                print(f"*** {message} ***", file=sys.stderr, flush=True)
+                self.warnings.append(message)
+        return self._model
+
+    @model.setter
+    def model(self, value: extract.PreparedModel) -> None:
+        self._model, self._announced = value, False
 
     def _stage(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
@@ -145,9 +165,18 @@ class Run:
         return out
 
     def load(self) -> io.Scan:
-        """Read and validate the volume and mask (the phantom when none are given)."""
-        volume, mask = input_paths(self.config)
-        self.scan = self._stage("load", io.load_scan, volume, mask)
+        """Read and validate the volume and mask (the phantom when none are given); with
+        ``mask="auto"`` segment femur and tibia from the CT; with ``spacing`` resample both."""
+        c = self.config
+        if automask.is_auto(c.mask):
+            volume = Path(c.volume) if c.volume else phantom.ensure_phantom(c.data_dir, c.phantom_preset)[0]
+            self.scan = self._stage("load", automask.load_auto, volume, c.mask, regions.parse_labels(c.labels),
+                                    automask.automask_path(c.output))  # fmt: skip
+        else:
+            volume, mask = input_paths(c)
+            self.scan = self._stage("load", io.load_scan, volume, mask)
+        if c.spacing is not None:
+            self.scan = self._stage("resample", resample.resample_scan, self.scan, c.spacing)
         return self.scan
 
     def crop(self) -> list[regions.Region]:
@@ -164,6 +193,10 @@ class Run:
     def extract(self) -> extract.Features:
         """Hooked extraction of every conv layer's pooled vector for each region."""
         crops = self.regions if self.regions is not None else self.crop()
+        shapes = {r.name: extract.bucket_shape(r.array.shape, self.model.bucket) for r in crops}
+        scan = self.scan
+        self.memory = self._stage("memory_check", memory.check_memory, self.model, shapes,
+                                  scan.spacing if scan else None, scan.volume_path if scan else "", self.config.force)  # fmt: skip
         self.features = self._stage("extract", extract.extract_features, self.model, crops, self.config.progress)
         return self.features
 
@@ -182,6 +215,8 @@ class Run:
             self.config, self.scan, self.labels, self.regions, self.model, self.features, table,
             self.timings, self.warnings,
         )  # fmt: skip
+        if self.memory is not None:
+            record["memory"] = self.memory
         return Result(self.config, self.scan, self.regions, self.features, table, record)
 
     def write(self) -> Result:
@@ -207,6 +242,9 @@ def write_results(result: Result) -> dict[str, Path]:
     if csv_path.suffix.lower() != ".csv":
         raise InputError(f"{csv_path}: --output must end in .csv")
     paths = {"csv": csv_path, "npz": csv_path.with_suffix(".npz"), "json": csv_path.with_suffix(".json")}
+    generated = getattr(result.scan, "mask_payload", None)  # mask="auto": the mask is written with the results
+    if generated is not None:
+        paths["mask"] = Path(result.scan.mask_path)
     result.provenance["outputs"] = {k: str(v) for k, v in paths.items()}
     feats, table = result.features, result.table
     sizes = [len(v) for v in feats.vectors[feats.regions[0]]]
@@ -232,6 +270,7 @@ def write_results(result: Result) -> dict[str, Path]:
             paths["csv"]: outputs.csv_text(table.pairs, table.values),
             paths["npz"]: save_npz,
             paths["json"]: outputs.json_text(result.provenance),
+            **({paths["mask"]: generated} if generated is not None else {}),
         }
     )
     return paths
@@ -315,6 +354,7 @@ def provenance(
             "spacing_mm": list(scan.spacing),
             "affine": scan.affine,
             "label_counts": {str(k): v for k, v in scan.label_counts().items()},
+            "processing": list(getattr(scan, "processing", [])),
         },
         "labels": labels,
         "regions": {
