@@ -62,6 +62,26 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
 
 
+def check_output(path: str | Path) -> Path:
+    """Validate a results path before any work: it ends in ``.csv`` and its folder can be
+    created and written. Raises :class:`~helpers.errors.InputError` naming the path."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise InputError(f"{path}: --output must end in .csv")
+    if path.is_dir():
+        raise InputError(f"{path}: --output is a folder; give a .csv file path")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: output folder is not writable")
+    return path
+
+
 def csv_text(pairs: Sequence[str], values: np.ndarray) -> str:
     """The results table as CSV text: header ``pair,layer_1,layer_2,layer_3`` and one row per pair.
 

@@ -168,6 +168,7 @@ class Run:
         """Read and validate the volume and mask (the phantom when none are given); with
         ``mask="auto"`` segment femur and tibia from the CT; with ``spacing`` resample both."""
         c = self.config
+        outputs.check_output(c.output)
         if automask.is_auto(c.mask):
             volume = Path(c.volume) if c.volume else phantom.ensure_phantom(c.data_dir, c.phantom_preset)[0]
             self.scan = self._stage("load", automask.load_auto, volume, c.mask, regions.parse_labels(c.labels),
@@ -238,9 +239,7 @@ def run(config: Config, model: extract.PreparedModel | None = None) -> Result:
 
 def write_results(result: Result) -> dict[str, Path]:
     """Write the CSV, NPZ and JSON of ``result`` next to each other, all-or-nothing."""
-    csv_path = Path(result.config.output)
-    if csv_path.suffix.lower() != ".csv":
-        raise InputError(f"{csv_path}: --output must end in .csv")
+    csv_path = outputs.check_output(result.config.output)
     paths = {"csv": csv_path, "npz": csv_path.with_suffix(".npz"), "json": csv_path.with_suffix(".json")}
     generated = getattr(result.scan, "mask_payload", None)  # mask="auto": the mask is written with the results
     if generated is not None:

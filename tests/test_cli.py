@@ -114,3 +114,12 @@ def test_one_model_serves_several_runs(phantom_files, first_run, tmp_path):
     r2 = pipeline.run(config, model)
     assert r1.paths["csv"].read_bytes() == r2.paths["csv"].read_bytes() == first_run.read_bytes()
     assert "model_build" not in r2.provenance["timings_s"]
+
+
+@pytest.mark.parametrize("bad", ["results.txt", "afile/results.csv"])
+def test_bad_output_path_fails_fast_with_exit_2(phantom_files, tmp_path, capsys, bad):
+    (tmp_path / "afile").write_text("a file where the output folder should be")
+    assert _run(phantom_files, tmp_path / bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and bad.split("/")[0] in err[0]
+    assert "RANDOM WEIGHTS" not in err[0]  # failed before the model was built
