@@ -9,8 +9,9 @@ Devices: ``cpu``, ``cuda``, ``xla`` (torch_xla/PJRT: TPU, or its CPU backend wit
 installed, else cpu). A device named explicitly is never replaced silently by another.
 
 Precision: ``fp32``, ``bf16``, ``fp16`` (through ``torch.autocast``; pooled vectors are
-accumulated in float32). ``auto`` is bf16 on GPUs that support it (fp16 on older ones) and
-fp32 on CPU and XLA.
+accumulated in float32; fp16 on CUDA only). ``auto`` is bf16 on GPUs with native bf16
+(compute capability >= 8.0), fp16 on older ones, and fp32 on CPU and XLA. fp32 is IEEE fp32
+everywhere: no TF32 in cuDNN convolutions, ``highest`` matmul precision on XLA.
 
 Bucketing (``bucket=N``): each crop is padded at its far end with zeros up to a multiple of
 N voxels per axis, and the padded forward is made to compute exactly what the unpadded one
