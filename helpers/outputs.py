@@ -63,8 +63,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def check_output(path: str | Path) -> Path:
-    """Validate a results path before any work: it ends in ``.csv`` and its folder can be
-    created and written. Raises :class:`~helpers.errors.InputError` naming the path."""
+    """Validate a results path before any work, creating nothing: it ends in ``.csv``, is not a
+    folder, and its folder exists writable or can be created under a writable existing folder.
+    Raises :class:`~helpers.errors.InputError` naming the path."""
     from .errors import InputError
 
     path = Path(path)
@@ -73,12 +74,13 @@ def check_output(path: str | Path) -> Path:
     if path.is_dir():
         raise InputError(f"{path}: --output is a folder; give a .csv file path")
     folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: output folder is not writable")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{folder}: cannot create the output folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: output folder is not writable ({existing})")
     return path
 
 
