@@ -284,7 +284,7 @@ class PooledHooks:
     def _accumulate(self, name: str, output: torch.Tensor, rows: tuple[int, int, int]) -> None:
         lo, hi, total_rows = rows
         part = output[:, :, lo:hi]
-        total = torch.sum(part, dim=(2, 3, 4), dtype=torch.float32)
+        total = spatial_sum(part)
         count = part.shape[2] * part.shape[3] * part.shape[4]
         if name in self._pending:
             prev, n = self._pending[name]
@@ -306,7 +306,7 @@ class PooledHooks:
             else:
                 if keep is not None:
                     output = output[:, :, : keep[0], : keep[1], : keep[2]]
-                self._pooled.append(torch.mean(output, dim=(2, 3, 4), dtype=torch.float32))
+                self._pooled.append(spatial_sum(output) / (output.shape[2] * output.shape[3] * output.shape[4]))
             self._names.append(name)
             if self.on_layer is not None:
                 self.on_layer(name, 1.0)
@@ -341,6 +341,21 @@ class PooledHooks:
         md, mh, mw = _axis_weights(str(x.device), size, keep, False)
         mask = (md[:, None, None] * mh[None, :, None] * mw[None, None, :]).to(x.dtype)
         return (x * mask, *args[1:])
+
+
+def spatial_sum(x: torch.Tensor) -> torch.Tensor:
+    """(N, C) float32 sum of ``x`` over (d, h, w).
+
+    bf16/fp16 CPU activations are converted to float32 a few depth slices at a time (a cache-sized
+    temporary) rather than as a whole, which is what ``sum(dtype=float32)`` does.
+    """
+    if x.device.type != "cpu" or x.dtype == torch.float32 or x.shape[2] < 2:
+        return torch.sum(x, dim=(2, 3, 4), dtype=torch.float32)
+    step = max(1, (1 << 20) // max(1, x.shape[1] * x.shape[3] * x.shape[4]))
+    total = torch.sum(x[:, :, :step], dim=(2, 3, 4), dtype=torch.float32)
+    for d in range(step, x.shape[2], step):
+        total += torch.sum(x[:, :, d : d + step], dim=(2, 3, 4), dtype=torch.float32)
+    return total
 
 
 def _pads(module: nn.Module) -> bool:

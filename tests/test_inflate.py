@@ -257,3 +257,32 @@ def test_imagenet_strict_fails_and_auto_falls_back_to_random(tmp_path, monkeypat
     net = inflate.inflate_densenet121("auto")
     assert net.weights_info.is_random
     assert "network unreachable" in net.weights_info.description
+
+
+@pytest.mark.parametrize("size", [(20, 23, 18), (9, 12, 16)])
+def test_space_to_depth_conv_equals_the_strided_conv(size):
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(16, 1, 7, 7, 7, generator=gen)
+    x = torch.randn(1, 1, *size, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        out = inflate.space_to_depth_conv(x, inflate.space_to_depth_weight(weight), None, (3, 3, 3))
+        expected = nn.functional.conv3d(x, weight, None, 2, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_paths_agree_with_fp32(random_net):
+    """CPU bf16 (space-to-depth conv0, cached bf16 weights, fused BN+ReLU, max pool kept in bf16)
+    computes the fp32 function to bf16 accuracy, and stays in bf16 from conv0 to the end."""
+    x = torch.randn(1, 1, 40, 48, 44, generator=torch.Generator().manual_seed(6)).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    with torch.inference_mode():
+        fp32 = _pooled_3d(random_net, x)
+        dtypes: list[torch.dtype] = []
+        handle = random_net.denseblock1.denselayer1.conv1.register_forward_hook(lambda _m, i, _o: dtypes.append(i[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = _pooled_3d(random_net, x)
+        handle.remove()
+    assert dtypes == [torch.bfloat16]
+    for a, b in zip(bf16, fp32):
+        assert nn.functional.cosine_similarity(a.float(), b, dim=0) > 0.999
