@@ -390,14 +390,17 @@ class DenseNet3d(nn.Sequential):
     tile_voxels: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        blocks = [m for m in self if isinstance(m, _DenseBlock)]
         stem = x.shape[3] * x.shape[4] // 4  # conv0 output voxels per depth slice
+        filled = None
         if self.tile_voxels and stem * x.shape[2] // 2 > self.tile_voxels:
-            x = _stem_tiled(self, x, max(8, self.tile_voxels // (2 * stem)))
+            # the pooled stem tiles go straight into dense block 1's buffer
+            x = _stem_tiled(self, x, max(8, self.tile_voxels // (2 * stem)), _block_channels(blocks[0]))
+            filled = self.conv0.out_channels
         else:
             x = max_pool(self.pool0, bn_relu(self.norm0, self.conv0(x), inplace=True))
-        blocks = [m for m in self if isinstance(m, _DenseBlock)]
         for i, block in enumerate(blocks, start=1):
-            x = _dense_block_forward(block, x, self.tile_voxels)
+            x = _dense_block_forward(block, x, self.tile_voxels, filled if i == 1 else None)
             if i < len(blocks):
                 trans = getattr(self, f"transition{i}")
                 plane = x.shape[3] * x.shape[4]
@@ -524,10 +527,17 @@ def _rows(
     return out[:, :, r0 - base : r1 - base]
 
 
-def _stem_tiled(net: DenseNet3d, x: torch.Tensor, rows: int) -> torch.Tensor:
+def _block_channels(block: _DenseBlock) -> int:
+    """Channels of a dense block's output (its buffer)."""
+    layers = list(block.values())
+    return layers[0].norm1.num_features + len(layers) * layers[0].conv2.out_channels
+
+
+def _stem_tiled(net: DenseNet3d, x: torch.Tensor, rows: int, channels: int) -> torch.Tensor:
     """conv0 -> norm0 -> relu0 -> pool0 in depth tiles of ``rows`` pooled slices (same function),
     so the 64-channel full-resolution conv0 output never exists whole (1.8 GB for a 512 x 512 x
-    216 scan)."""
+    216 scan). The result is written into the first channels of a new ``channels``-channel
+    buffer (dense block 1's), allocated before any tile so the tiles reuse freed memory."""
     d0 = _out(x.shape[2], *(_cube(getattr(net.conv0, a), a)[0] for a in ("kernel_size", "stride", "padding")))
     kp, sp, pp = (_cube(getattr(net.pool0, a), a)[0] for a in ("kernel_size", "stride", "padding"))
     depth = _out(d0, kp, sp, pp)
@@ -542,8 +552,9 @@ def _stem_tiled(net: DenseNet3d, x: torch.Tensor, rows: int) -> torch.Tensor:
         tile = _pool_rows(net.pool0, y, c0, p0, p1)
         if out is None:
             fmt = torch.channels_last_3d if _channels_last(tile) else torch.contiguous_format
-            out = torch.empty((*tile.shape[:2], depth, *tile.shape[3:]), dtype=tile.dtype, device=tile.device, memory_format=fmt)
-        out[:, :, p0:p1] = tile
+            size = (tile.shape[0], channels, depth, *tile.shape[3:])
+            out = torch.empty(size, dtype=tile.dtype, device=tile.device, memory_format=fmt)
+        out[:, : tile.shape[1], p0:p1] = tile
         del y, tile
     assert out is not None
     return out
@@ -578,13 +589,21 @@ def _pool_rows(pool: nn.Module, y: torch.Tensor, y0: int, p0: int, p1: int) -> t
     return max_pool(pool, y)[:, :, p0 - y0 // s : p1 - y0 // s]
 
 
-def _dense_block_forward(block: _DenseBlock, x: torch.Tensor, tile_voxels: int | None = None) -> torch.Tensor:
+def _dense_block_forward(
+    block: _DenseBlock, x: torch.Tensor, tile_voxels: int | None = None, filled: int | None = None
+) -> torch.Tensor:
+    """A dense block writing every layer's output into one buffer. ``filled``: ``x`` already is
+    that buffer with its first ``filled`` channels holding the block's input."""
     layers = list(block.values())
     growth = layers[0].conv2.out_channels
-    c = x.shape[1]
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1 else torch.contiguous_format
-    buf = torch.empty((x.shape[0], c + growth * len(layers), *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
-    buf[:, :c] = x
+    if filled is not None:
+        buf, c = x, filled
+    else:
+        c = x.shape[1]
+        fmt = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+        size = (x.shape[0], _block_channels(block), *x.shape[2:])
+        buf = torch.empty(size, dtype=x.dtype, device=x.device, memory_format=fmt)
+        buf[:, :c] = x
     del x
     depth, plane = buf.shape[2], buf.shape[3] * buf.shape[4]
     rows = depth if not tile_voxels else max(4, tile_voxels // plane)

@@ -8,16 +8,17 @@ BatchNorm+ReLU, one pre-allocated buffer per dense block and, where ``model.tile
 set (CPU), depth tiles:
 
 * stem, whole: conv0's 64-channel output at half resolution, then pool0's output and max
-  pooling's int64 indices; in depth tiles: the whole pooled output plus one tile of conv0's
-  output and of its pooling;
-* each dense layer: the block's input (still referenced by the caller), the block's buffer of
-  ``c0 + 32 L`` channels, the normalised copy of the first ``c`` channels and the 128-channel
-  bottleneck (during conv1; the largest ``c`` counts), or the bottleneck and the 32-channel
-  output (during conv2); in depth tiles, the copies are one tile (+ a halo slice each side);
-* each transition: the buffer (normalised in place), the conv's half-width output and the
-  average-pooled output;
-* autocast (bf16/fp16): conv inputs are cast to the low precision (a copy) and conv outputs
-  are low precision; on the CPU max pooling runs in fp32 (a copy), so block 1 is fp32;
+  pooling's int64 indices; in depth tiles: dense block 1's buffer (the pooled tiles are written
+  into it) plus one tile of conv0's output and of its pooling;
+* each dense layer: the block's input (still referenced by the caller; not for block 1 after a
+  tiled stem), the block's buffer of ``c0 + 32 L`` channels, the normalised copy of the first
+  ``c`` channels and the 128-channel bottleneck (during conv1; the largest ``c`` counts), or
+  the bottleneck and the 32-channel output (during conv2); in depth tiles, the copies are one
+  tile (+ a halo slice each side);
+* each transition: the buffer (normalised in place when whole), the conv's output and the
+  average-pooled output; in depth tiles, one tile of the normalised buffer and of the conv output;
+* autocast (bf16/fp16): activations after conv0 are low precision and the input is cast (a
+  copy); on the CPU BatchNorm+ReLU makes a new tensor (oneDNN) instead of working in place;
 * bucketing (no tiles then): the forward pre-hooks that zero the padded part copy every
   padding layer's input (conv0's input, conv0's output before pool0, every bottleneck).
 
@@ -77,13 +78,10 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
     from .inflate import _cube, _out, conv_shapes
 
     low = precision in ("bf16", "fp16")
-    cpu = not device.startswith("cuda")
-    ec = 2 if low else 4  # conv outputs
+    cpu_low = low and not device.startswith("cuda")  # CPU bf16: BN+ReLU makes a new tensor, no in-place
+    ec = 2 if low else 4  # activations after conv0
     tile = None if bucketed else getattr(model, "tile_voxels", None)
     convs = {c.name: c for c in conv_shapes(model, tuple(int(n) for n in shape))}
-
-    def cast(e: int) -> int:  # autocast's low-precision copy of a conv input of itemsize e
-        return 2 if low and e == 4 else 0
 
     d, h, w = (int(n) for n in shape)
     vox = d * h * w
@@ -92,23 +90,25 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
     ch0, (d1, h1, w1) = c0.out_channels, c0.out_size
     kp, sp, pp = (_cube(getattr(model.pool0, a), a)[0] for a in ("kernel_size", "stride", "padding"))
     d2, h2, w2 = (_out(n, kp, sp, pp) for n in (d1, h1, w1))
-    e_pool = 4 if low and cpu else ec  # CPU autocast max-pools in fp32 (a copy), elsewhere in the conv's dtype
-    up = 4 if low and cpu else 0
+    blocks = [(n, m) for n, m in model.named_children() if isinstance(m, _DenseBlock)]
+    first = blocks[0][1]
+    layers1 = list(first.values())
+    c_block1 = layers1[0].norm1.num_features + len(layers1) * layers1[0].conv2.out_channels
+    in_copy = 2 * vox if low else 0  # the low-precision copy of the input (or of a tile of it)
     pre = ec if bucketed else 0  # the pre-hook's masked copy of conv0's output before pool0
     stem = h * w // 4
-    if tile and stem * d // 2 > tile:  # depth tiles: only one tile of conv0's output exists at a time
+    stem_tiled = bool(tile and stem * d // 2 > tile)
+    if stem_tiled:  # tiles of conv0 -> pool0 written into dense block 1's buffer
         rows = max(8, tile // (2 * stem))
-        n_conv = min(2 * rows + 1, d1)
-        n_pool = (n_conv - 1) // 2 + 1
-        slab = min(2 * n_conv + 5, d) * h * w
-        peak = held + ch0 * d2 * h2 * w2 * e_pool  # the whole pooled output, filled tile by tile
-        peak += cast(4) * slab + ch0 * n_conv * h1 * w1 * (ec + up) + ch0 * n_pool * h2 * w2 * (e_pool + 8)
+        n_conv = min(2 * rows + 2, d1)
+        n_pool = min(rows + 1, d2)
+        slab = min(2 * n_conv + 6, d) * h * w
+        peak = held + c_block1 * d2 * h2 * w2 * ec
+        peak += (2 * slab if low else 0) + ch0 * n_conv * h1 * w1 * ec * (2 if cpu_low else 1) + ch0 * n_pool * h2 * w2 * (ec + 8)
     else:
         v1 = d1 * h1 * w1
-        peak = held + cast(4) * vox + ch0 * v1 * ec  # conv0 (autocast's input copy)
-        peak = max(peak, held + ch0 * v1 * (ec + up + pre) + ch0 * d2 * h2 * w2 * (e_pool + 8))  # pool0 (+ int64 indices)
-    e = e_pool  # dtype of the running activation x
-    c_buf = ch0
+        peak = held + in_copy + ch0 * v1 * ec * (2 if cpu_low else 1)  # conv0 (+ BN+ReLU's new tensor)
+        peak = max(peak, held + ch0 * v1 * (ec + pre) + ch0 * d2 * h2 * w2 * (ec + 8))  # pool0 (+ int64 indices)
     for name, module in model.named_children():
         if isinstance(module, _DenseBlock):
             layers = [n for n, _ in module.named_children()]
@@ -118,18 +118,21 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
             c_in, b, g = conv1.in_channels, conv1.out_channels, conv2.out_channels
             c_last = c_in + g * (len(layers) - 1)
             c_buf = c_in + g * len(layers)
-            base = held + c_in * v * e + c_buf * v * e  # block input (still referenced by the caller) + buffer
+            given = 0 if (module is first and stem_tiled) else c_in * v * ec  # the block's input, still referenced
+            base = held + given + c_buf * v * ec
             rows = depth if not tile else max(4, tile // plane)
             vt = v if rows >= depth else (rows + 2) * plane  # one depth tile and its halo
-            during_conv1 = c_last * vt * (e + cast(e)) + b * vt * ec
-            during_conv2 = b * vt * ec * (2 if bucketed else 1) + g * vt * ec
+            during_conv1 = c_last * vt * ec * (2 if cpu_low else 1) + b * vt * ec  # normalised input (+ oneDNN's dense copy)
+            during_conv2 = b * vt * ec * (2 if (bucketed or cpu_low) else 1) + g * vt * ec
             peak = max(peak, base + max(during_conv1, during_conv2))
         elif isinstance(module, _Transition):
             conv = convs[f"{name}.conv"]
             v, half = int(np.prod(conv.out_size)), conv.out_channels
-            peak = max(peak, held + c_buf * v * (e + cast(e)) + half * v * ec)  # buffer, cast, conv output
-            peak = max(peak, held + c_buf * v * e + half * v * ec + half * (v // 8) * ec)  # average pooling
-            e = ec
+            depth, plane = conv.out_size[0], conv.out_size[1] * conv.out_size[2]
+            rows = depth if not tile or v <= tile else max(2, tile // plane // 2 * 2)
+            vt = min(rows, depth) * plane
+            normalised = c_buf * vt * ec * (2 if cpu_low else 1) if rows < depth or cpu_low else 0  # in place when whole
+            peak = max(peak, held + c_buf * v * ec + normalised + half * vt * ec + half * (v // 8) * ec)
     return int(peak)
 
 
