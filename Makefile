@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 XLA_VENV ?= .venv-xla
 XLA_PY := $(XLA_VENV)/bin/python
 
-.PHONY: demo test test-xla lint bench bench-full clean
+.PHONY: demo test test-xla lint bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,5 +42,13 @@ test: $(VENV)/.installed
 test-xla: $(XLA_VENV)/.installed
 	PJRT_DEVICE=CPU KNEE_REQUIRE_XLA=1 $(XLA_PY) -m pytest -q -m xla
 
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+# Whole-pipeline CPU benchmark on the full-size phantom (and the real masks when ../shared has them).
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_pipeline.py
+
 clean:
-	rm -rf outputs/* data/*.nii.gz .pytest_cache
+	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf data/*.nii.gz .pytest_cache
