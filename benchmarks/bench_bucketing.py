@@ -19,13 +19,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tables import write_rows  # benchmarks/tables.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,13 +130,8 @@ def main(argv: list[str] | None = None) -> int:
               f"extracting, max |shift| {max(shifts) if shifts else 0:.2e}")  # fmt: skip
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"bucketing_{args.device}_{args.preset}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    print(f"wrote {path}")
+    write_rows(table, path)
     return 0
 
 

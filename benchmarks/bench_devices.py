@@ -28,7 +28,6 @@ Random weights (``--weights random``) have the same compute as ImageNet ones. Wr
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tables import write_rows  # benchmarks/tables.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,14 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory: {rows[0]['memory']}")
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.volume).name.split(".")[0] if args.volume else args.preset
     path = out / f"devices_{dev.type}_{stem}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_rows(rows, path)
     return 0
 
 
