@@ -562,7 +562,10 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
     shapes = {r.name: bucket_shape(r.array.shape, prepared.bucket) for r in regions}
     per_layer = {n: {c.name: c.flops / 1e9 for c in conv_shapes(model, s)} for n, s in shapes.items()}
     total = sum(sum(v.values()) for v in per_layer.values())
-    bar = tqdm(total=round(total, 1), unit="GFLOP", desc="extract", disable=not progress, leave=False)
+    bar = tqdm(
+        total=round(total, 1), unit="GFLOP", desc="extract", disable=not progress, leave=False,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} GFLOP [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    )  # fmt: skip
     current: dict[str, float] = {}
 
     def on_layer(name: str, fraction: float = 1.0) -> None:
