@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
-from . import __version__, extract, inflate, phantom, regions
+from . import __version__, extract, inflate, phantom, regions, similarity
 from .errors import InputError
 from .pipeline import Config, run
 
@@ -112,12 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
-    table = result.table
-    width = max(len(p) for p in table.pairs)
-    print(f"{'pair':<{width}}  " + "  ".join(f"{c:>8}" for c in table.columns))
-    for pair, row in zip(table.pairs, table.values):
-        print(f"{pair:<{width}}  " + "  ".join(f"{v:8.4f}" for v in row))
-    print("layers: " + ", ".join(f"{c}={n}" for c, n in zip(table.columns, table.column_layers)))
+    print(similarity.format_table(result.table))
     for kind, path in result.paths.items():
         print(f"wrote {kind}: {path}")
     return 0

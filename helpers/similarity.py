@@ -36,6 +36,15 @@ class SimilarityTable:
         return {p: {c: float(v) for c, v in zip(self.columns, row)} for p, row in zip(self.pairs, self.values)}
 
 
+def format_table(table: SimilarityTable) -> str:
+    """The results table as plain text (4 decimals) and a line naming each column's layer."""
+    width = max(len(p) for p in table.pairs)
+    lines = [f"{'pair':<{width}}  " + "  ".join(f"{c:>8}" for c in table.columns)]
+    lines += [f"{p:<{width}}  " + "  ".join(f"{v:8.4f}" for v in row) for p, row in zip(table.pairs, table.values)]
+    lines.append("layers: " + ", ".join(f"{c}={n}" for c, n in zip(table.columns, table.column_layers)))
+    return "\n".join(lines)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two vectors in float64 (0 when either is all zeros)."""
     a64, b64 = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
