@@ -19,8 +19,15 @@ from .errors import InputError
 from .pipeline import Config, run
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error convention: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pipeline.py",
         description="Region-specific deep features from a knee CT: crop tibia, femur and background, "
         "run an inflated ImageNet DenseNet-121, compare regions by cosine similarity at several depths.",

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, warn
+from .errors import InputError, first_line, warn
 from .inflate import DenseNet3d, conv_shapes
 from .regions import Region
 
@@ -106,7 +106,7 @@ def _xla_device() -> torch.device:
     try:
         return torch_xla.device()
     except Exception as exc:
-        raise InputError(f"--device xla: no XLA device ({str(exc).splitlines()[0]}); set PJRT_DEVICE=TPU or CPU") from None
+        raise InputError(f"--device xla: no XLA device ({first_line(exc)}); set PJRT_DEVICE=TPU or CPU") from None
 
 
 def _cuda_device(name: str) -> torch.device:
@@ -125,10 +125,17 @@ def _cuda_device(name: str) -> torch.device:
     return torch.device("cuda", int(index) if index else torch.cuda.current_device())
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """The torch device for ``name`` (see module doc); a named device that is missing is an error."""
+def check_device_name(name: str) -> None:
+    """Raise :class:`InputError` unless ``name`` is ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``xla``."""
+    if name.startswith("cuda:") and not name[5:].isdigit():
+        raise InputError(f"--device {name}: expected cuda or cuda:N with N a GPU index")
     if name not in DEVICES and not name.startswith("cuda:"):
         raise InputError(f"--device: expected one of {', '.join(DEVICES)} or cuda:N, got {name!r}")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for ``name`` (see module doc); a named device that is missing is an error."""
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return _cuda_device("cuda")

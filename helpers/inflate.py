@@ -41,7 +41,7 @@ from torch import nn
 from torchvision.models import DenseNet121_Weights, densenet121
 from torchvision.models.densenet import _DenseBlock
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 INFLATION_MODES = ("mean", "center")
 #: torchvision's legacy DenseNet key names ``...denselayer1.norm.1.weight`` -> ``...denselayer1.norm1.weight``
@@ -126,7 +126,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: not a loadable weights-only PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a loadable weights-only PyTorch checkpoint ({first_line(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -150,7 +150,7 @@ def load_densenet121_2d(weights: str = "auto", seed: int = 0, progress: bool = F
         try:
             state, info = _load_imagenet(progress)
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             if weights == "imagenet":
                 raise InputError(
                     f"{imagenet_weights_path()}: ImageNet weights unavailable ({reason}); "

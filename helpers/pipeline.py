@@ -81,6 +81,39 @@ class Result:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
+def validate(config: Config) -> None:
+    """Check every setting before any work (reading files, building the network), raising
+    :class:`InputError` with a one-line message naming the option."""
+    outputs.check_output(config.output)
+    regions.parse_labels(config.labels)
+    regions.parse_normalize(config.normalize)
+    if config.crop not in regions.CROP_MODES:
+        raise InputError(f"--crop: expected one of {', '.join(regions.CROP_MODES)}, got {config.crop!r}")
+    if not _whole(config.pad) or config.pad < 0:
+        raise InputError(f"--pad: must be a whole number of voxels >= 0, got {config.pad!r}")
+    if config.inflation not in inflate.INFLATION_MODES:
+        raise InputError(f"--inflation: expected one of {', '.join(inflate.INFLATION_MODES)}, got {config.inflation!r}")
+    if config.precision not in extract.PRECISIONS:
+        raise InputError(f"--precision: expected one of {', '.join(extract.PRECISIONS)}, got {config.precision!r}")
+    extract.check_device_name(config.device)
+    if config.bucket is not None and (not _whole(config.bucket) or config.bucket < 0):
+        raise InputError(f"--bucket: must be a whole number >= 0 (0 = off), got {config.bucket!r}")
+    if config.weights not in ("auto", "imagenet", "random") and not Path(config.weights).is_file():
+        raise InputError(f"{config.weights}: weights file not found (--weights auto|imagenet|random|PATH)")
+    if config.phantom_preset not in phantom.PRESETS:
+        raise InputError(f"--phantom: expected one of {', '.join(sorted(phantom.PRESETS))}, got {config.phantom_preset!r}")
+    resample.parse_spacing(config.spacing)
+    if automask.is_auto(config.mask):
+        automask.parse_auto(str(config.mask))
+
+
+def _whole(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError):
+        return False
+
+
 def build_model(config: Config) -> extract.PreparedModel:
     """Load 2D weights, inflate to 3D and place on the device: do this once per process."""
     net = inflate.inflate_densenet121(config.weights, config.inflation, config.seed, progress=config.progress)
@@ -125,6 +158,7 @@ class Run:
     """
 
     def __init__(self, config: Config, model: extract.PreparedModel | None = None) -> None:
+        validate(config)
         self.config = config
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
@@ -140,17 +174,21 @@ class Run:
     @property
     def model(self) -> extract.PreparedModel:
         """The prepared network, built on first use: after the inputs are read, so that bad input
-        fails fast with its one-line error (and no random-weights banner before it)."""
+        fails fast with its one-line error."""
         if self._model is None:
             self._model = self._stage("model_build", build_model, self.config)
-        if not self._announced:
-            self._announced = True
-            info = self._model.model.weights_info
-            if info is not None and info.is_random:
-                message = f"{RANDOM_WEIGHTS_BANNER} ({info.description})"
-                print(f"*** {message} ***", file=sys.stderr, flush=True)
-                self.warnings.append(message)
         return self._model
+
+    def _announce_weights(self) -> None:
+        """Say loudly, once, that the weights are random (just before the forward runs)."""
+        if self._announced:
+            return
+        self._announced = True
+        info = self.model.model.weights_info
+        if info is not None and info.is_random:
+            message = f"{RANDOM_WEIGHTS_BANNER} ({info.description})"
+            print(f"*** {message} ***", file=sys.stderr, flush=True)
+            self.warnings.append(message)
 
     @model.setter
     def model(self, value: extract.PreparedModel) -> None:
@@ -168,7 +206,6 @@ class Run:
         """Read and validate the volume and mask (the phantom when none are given); with
         ``mask="auto"`` segment femur and tibia from the CT; with ``spacing`` resample both."""
         c = self.config
-        outputs.check_output(c.output)
         if automask.is_auto(c.mask):
             volume = Path(c.volume) if c.volume else phantom.ensure_phantom(c.data_dir, c.phantom_preset)[0]
             self.scan = self._stage("load", automask.load_auto, volume, c.mask, regions.parse_labels(c.labels),
@@ -198,6 +235,7 @@ class Run:
         scan = self.scan
         self.memory = self._stage("memory_check", memory.check_memory, self.model, shapes,
                                   scan.spacing if scan else None, scan.volume_path if scan else "", self.config.force)  # fmt: skip
+        self._announce_weights()
         self.features = self._stage("extract", extract.extract_features, self.model, crops, self.config.progress)
         return self.features
 
