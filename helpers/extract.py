@@ -27,7 +27,7 @@ graph; it works on every device.
 from __future__ import annotations
 
 import functools
-import glob
+import glob  # noqa: F401  (tests patch extract.glob.glob; TPU detection: helpers.runtime)
 import logging
 import os
 import time
@@ -70,29 +70,23 @@ class Features:
         return self.vectors[region][self.layer_names.index(layer)]
 
 
-#: PCI ids of TPU chips (vendor Google), as torch_xla's own detection (``torch_xla._internal.tpu``).
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_TPU_PCI_DEVICES = {"0x0027", "0x005e", "0x0063", "0x006f", "0x0076"}  # v2/v3, v4, v5e, v6e, 7x
-
-
 def is_tpu_host() -> bool:
-    """True on a TPU VM (Colab TPU runtimes included): PJRT_DEVICE=TPU, /dev/accel*, or a TPU on the PCI bus.
+    """True on a TPU VM (Colab TPU runtimes included), by :func:`helpers.runtime.tpu_evidence`, the project's
+    one TPU detector: ``PJRT_DEVICE=TPU``, ``/dev/accel<N>``, or a TPU chip on the PCI bus.
 
-    Does not import torch_xla. The PCI check is the one torch_xla uses to select TPU by default.
+    When torch_xla is installed, its own PCI check (``torch_xla._internal.tpu``, which may know
+    chips newer than ours) is asked as well; it can only add evidence.
     """
-    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or glob.glob("/dev/accel[0-9]*"):
+    from . import runtime
+
+    if runtime.is_tpu_host():
         return True
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() != _GOOGLE_PCI_VENDOR:
-                    continue
-            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
-                if f.read().strip() in _TPU_PCI_DEVICES:
-                    return True
-        except OSError:
-            continue
-    return False
+    try:
+        from torch_xla._internal import tpu
+
+        return tpu.num_available_chips() > 0
+    except Exception:  # torch_xla not installed, or unusable here
+        return False
 
 
 def _xla_device() -> torch.device:
@@ -400,6 +394,8 @@ class PreparedModel:
     precision: str
     channels_last: bool
     bucket: int | None
+    #: depth-tile size of this placement's forwards (``DenseNet3d.tile_voxels``; set per forward)
+    tile_voxels: int | None = None
 
     def autocast(self) -> Any:
         """The context the forward runs in: ``torch.autocast`` at bf16/fp16; at fp32 on CUDA,
@@ -466,14 +462,14 @@ def prepare_model(
         keep_freed_memory()
     # Depth tiles bound the CPU's peak memory for big scans; a bucketed run pools by
     # activation size, which tiles would not match, so it does not tile.
-    model.tile_voxels = TILE_VOXELS if dev.type == "cpu" and bucket is None else None
+    tile_voxels = TILE_VOXELS if dev.type == "cpu" and bucket is None else None
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     if dev.type == "xla":
         _xla_precision()
         _synchronize(dev)  # materialise the weights now: one small graph, not counted per scan
-    return PreparedModel(model.eval(), dev, prec, channels_last, bucket)
+    return PreparedModel(model.eval(), dev, prec, channels_last, bucket, tile_voxels)
 
 
 _MALLOC_TUNED = False
@@ -582,6 +578,7 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
     timings: dict[str, float] = {}
     names: list[str] = []
     compile_before = _xla_compiles() if dev.type == "xla" else None
+    tile_before, model.tile_voxels = model.tile_voxels, prepared.tile_voxels
     try:
         with PooledHooks(model, on_layer) as hooks, torch.inference_mode():
             for region in regions:
@@ -611,6 +608,7 @@ def extract_features(prepared: PreparedModel, regions: Sequence[Region], progres
                 names = list(hooks.names)
     finally:
         bar.close()
+        model.tile_voxels = tile_before
     info = device_description(dev)
     if compile_before is not None:
         after = _xla_compiles()

@@ -391,11 +391,10 @@ class DenseNet3d(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         blocks = [m for m in self if isinstance(m, _DenseBlock)]
-        stem = x.shape[3] * x.shape[4] // 4  # conv0 output voxels per depth slice
         filled = None
-        if self.tile_voxels and stem * x.shape[2] // 2 > self.tile_voxels:
-            # the pooled stem tiles go straight into dense block 1's buffer
-            x = _stem_tiled(self, x, max(8, self.tile_voxels // (2 * stem)), _block_channels(blocks[0]))
+        rows = stem_tile_rows(self.tile_voxels, tuple(x.shape[2:]))
+        if rows:  # the pooled stem tiles go straight into dense block 1's buffer
+            x = _stem_tiled(self, x, rows, _block_channels(blocks[0]))
             filled = self.conv0.out_channels
         else:
             x = max_pool(self.pool0, bn_relu(self.norm0, self.conv0(x), inplace=True))
@@ -403,9 +402,9 @@ class DenseNet3d(nn.Sequential):
             x = _dense_block_forward(block, x, self.tile_voxels, filled if i == 1 else None)
             if i < len(blocks):
                 trans = getattr(self, f"transition{i}")
-                plane = x.shape[3] * x.shape[4]
-                if self.tile_voxels and x.shape[2] * plane > self.tile_voxels:
-                    x = _transition_tiled(trans, x, max(2, self.tile_voxels // plane // 2 * 2))
+                rows = transition_tile_rows(self.tile_voxels, tuple(x.shape[2:]))
+                if rows:
+                    x = _transition_tiled(trans, x, rows)
                 else:
                     x = avg_pool(trans.pool, trans.conv(bn_relu(trans.norm, x, inplace=True)))
         return x
@@ -488,6 +487,28 @@ def avg_pool(pool: nn.AvgPool3d, x: torch.Tensor) -> torch.Tensor:
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
         return torch.mkldnn_convolution(x, weight, None, p, s, (1, 1, 1), c)
     return pool(x)
+
+
+def stem_tile_rows(tile_voxels: int | None, size: tuple[int, ...]) -> int | None:
+    """Pooled depth slices per stem tile for an input of ``size`` (d, h, w); None: not tiled."""
+    stem = size[1] * size[2] // 4  # conv0 output voxels per depth slice
+    if not tile_voxels or stem * size[0] // 2 <= tile_voxels:
+        return None
+    return max(8, tile_voxels // (2 * stem))  # >= 8: the 2-slice overlap of the tiles costs <= 12 %
+
+
+def dense_tile_rows(tile_voxels: int | None, size: tuple[int, ...]) -> int | None:
+    """Depth slices per dense-layer tile for activations of ``size`` (d, h, w); None: not tiled."""
+    rows = max(4, tile_voxels // (size[1] * size[2])) if tile_voxels else size[0]
+    return rows if rows < size[0] else None
+
+
+def transition_tile_rows(tile_voxels: int | None, size: tuple[int, ...]) -> int | None:
+    """Depth slices (even) per transition tile for a block output of ``size``; None: not tiled."""
+    plane = size[1] * size[2]
+    if not tile_voxels or size[0] * plane <= tile_voxels:
+        return None
+    return max(2, tile_voxels // plane // 2 * 2)
 
 
 @contextlib.contextmanager
@@ -605,10 +626,9 @@ def _dense_block_forward(
         buf = torch.empty(size, dtype=x.dtype, device=x.device, memory_format=fmt)
         buf[:, :c] = x
     del x
-    depth, plane = buf.shape[2], buf.shape[3] * buf.shape[4]
-    rows = depth if not tile_voxels else max(4, tile_voxels // plane)
+    rows = dense_tile_rows(tile_voxels, tuple(buf.shape[2:]))
     for layer in layers:
-        if rows >= depth:
+        if not rows:
             bottleneck = layer.conv1(bn_relu(layer.norm1, buf[:, :c]))
             buf[:, c : c + growth] = layer.conv2(bn_relu(layer.norm2, bottleneck, inplace=True))
         else:

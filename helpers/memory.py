@@ -57,30 +57,36 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def estimate_peak_bytes(
-    model: nn.Module, shape: Sequence[int], precision: str = "fp32", device: str = "cpu", bucketed: bool = False
+    model: nn.Module, shape: Sequence[int], precision: str = "fp32", device: str = "cpu", bucketed: bool = False,
+    tile_voxels: int | None | str = "model",
 ) -> int:
     """Estimated peak extra memory (bytes) of one forward of ``model`` on an input of ``shape``
     (d, h, w voxels, after bucketing) at ``precision`` ("fp32", "bf16", "fp16") on ``device``
     ("cpu", "cuda", ...); ``bucketed``: the input is zero-padded beyond the crop. The live set
     of :meth:`DenseNet3d.forward` (see the module doc) times the calibrated factor, plus the
     fixed allowance and autocast's cached weight copies."""
-    live = _live_set_bytes(model, shape, precision, str(device), bucketed)
+    live = _live_set_bytes(model, shape, precision, str(device), bucketed, tile_voxels)
     factor = CPU_FACTOR * (CUDA_FACTOR if str(device).startswith("cuda") else 1.0)
     low = precision in ("bf16", "fp16")
     weights = 2 * sum(p.numel() for p in model.parameters()) if low else 0
     return int(live * factor + weights + FIXED_OVERHEAD)
 
 
-def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, device: str, bucketed: bool = False) -> int:
-    """Largest sum of tensor bytes alive at once during the forward (see the module doc)."""
+def _live_set_bytes(
+    model: nn.Module, shape: Sequence[int], precision: str, device: str, bucketed: bool = False,
+    tile_voxels: int | None | str = "model",
+) -> int:
+    """Largest sum of tensor bytes alive at once during the forward (see the module doc).
+    ``tile_voxels``: the forward's depth-tile size (``"model"``: the model's own setting)."""
     from torchvision.models.densenet import _DenseBlock, _Transition
 
-    from .inflate import _cube, _out, conv_shapes
+    from .inflate import _cube, _out, conv_shapes, dense_tile_rows, stem_tile_rows, transition_tile_rows
 
     low = precision in ("bf16", "fp16")
     cpu_low = low and not device.startswith("cuda")  # CPU bf16: BN+ReLU makes a new tensor, no in-place
     ec = 2 if low else 4  # activations after conv0
-    tile = None if bucketed else getattr(model, "tile_voxels", None)
+    tile = getattr(model, "tile_voxels", None) if tile_voxels == "model" else tile_voxels
+    tile = None if bucketed else tile
     convs = {c.name: c for c in conv_shapes(model, tuple(int(n) for n in shape))}
 
     d, h, w = (int(n) for n in shape)
@@ -96,10 +102,10 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
     c_block1 = layers1[0].norm1.num_features + len(layers1) * layers1[0].conv2.out_channels
     in_copy = 2 * vox if low else 0  # the low-precision copy of the input (or of a tile of it)
     pre = ec if bucketed else 0  # the pre-hook's masked copy of conv0's output before pool0
-    stem = h * w // 4
-    stem_tiled = bool(tile and stem * d // 2 > tile)
-    if stem_tiled:  # tiles of conv0 -> pool0 written into dense block 1's buffer
-        rows = max(8, tile // (2 * stem))
+    stem_rows = stem_tile_rows(tile, (d, h, w))
+    stem_tiled = bool(stem_rows)
+    if stem_rows:  # tiles of conv0 -> pool0 written into dense block 1's buffer
+        rows = stem_rows
         n_conv = min(2 * rows + 2, d1)
         n_pool = min(rows + 1, d2)
         slab = min(2 * n_conv + 6, d) * h * w
@@ -120,8 +126,8 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
             c_buf = c_in + g * len(layers)
             given = 0 if (module is first and stem_tiled) else c_in * v * ec  # the block's input, still referenced
             base = held + given + c_buf * v * ec
-            rows = depth if not tile else max(4, tile // plane)
-            vt = v if rows >= depth else (rows + 2) * plane  # one depth tile and its halo
+            rows = dense_tile_rows(tile, conv1.out_size)
+            vt = v if not rows else (rows + 2) * plane  # one depth tile and its halo
             during_conv1 = c_last * vt * ec * (2 if cpu_low else 1) + b * vt * ec  # normalised input (+ oneDNN's dense copy)
             during_conv2 = b * vt * ec * (2 if (bucketed or cpu_low) else 1) + g * vt * ec
             peak = max(peak, base + max(during_conv1, during_conv2))
@@ -129,9 +135,9 @@ def _live_set_bytes(model: nn.Module, shape: Sequence[int], precision: str, devi
             conv = convs[f"{name}.conv"]
             v, half = int(np.prod(conv.out_size)), conv.out_channels
             depth, plane = conv.out_size[0], conv.out_size[1] * conv.out_size[2]
-            rows = depth if not tile or v <= tile else max(2, tile // plane // 2 * 2)
-            vt = min(rows, depth) * plane
-            normalised = c_buf * vt * ec * (2 if cpu_low else 1) if rows < depth or cpu_low else 0  # in place when whole
+            rows = transition_tile_rows(tile, conv.out_size)
+            vt = min(rows or depth, depth) * plane
+            normalised = c_buf * vt * ec * (2 if cpu_low else 1) if rows or cpu_low else 0  # in place when whole
             peak = max(peak, held + c_buf * v * ec + normalised + half * vt * ec + half * (v // 8) * ec)
     return int(peak)
 
@@ -188,7 +194,8 @@ def _fitting_spacing(prepared: Any, shape: Sequence[int], spacing: Sequence[floa
     for _ in range(200):
         resampled = [max(1, round(n * s / iso)) for n, s in zip(shape, spacing)]
         try:
-            need = estimate_peak_bytes(prepared.model, resampled, prepared.precision, str(prepared.device))
+            need = estimate_peak_bytes(prepared.model, resampled, prepared.precision, str(prepared.device),
+                                       tile_voxels=prepared.tile_voxels)  # fmt: skip
         except ValueError:  # too small for the network: any coarser spacing fits
             return iso
         if need <= avail:
@@ -218,7 +225,8 @@ def check_memory(
     """
     device, precision = prepared.device, prepared.precision
     per_region = {
-        n: estimate_peak_bytes(prepared.model, s, precision, str(device), bucketed=bool(prepared.bucket))
+        n: estimate_peak_bytes(prepared.model, s, precision, str(device), bucketed=bool(prepared.bucket),
+                               tile_voxels=prepared.tile_voxels)
         for n, s in shapes.items()
     }
     worst = max(per_region, key=per_region.__getitem__)

@@ -114,18 +114,24 @@ def test_depth_tiling_changes_memory_not_results(random_net, shape):
     """Tiles of a few slices (stem and dense layers) give the same pooled vectors as one piece."""
     arr = np.random.default_rng(4).normal(size=shape).astype(np.float32)
     region = regions.Region("tibia", 1, tuple((0, n) for n in shape), arr, shape, 1)
-    whole = extract.PreparedModel(random_net, torch.device("cpu"), "fp32", True, None)
-    random_net.tile_voxels = None
+    whole = extract.PreparedModel(random_net, torch.device("cpu"), "fp32", True, None, tile_voxels=None)
+    tiles = extract.PreparedModel(random_net, torch.device("cpu"), "fp32", True, None, tile_voxels=2000)
     plain = extract.extract_features(whole, [region], progress=False)
-    random_net.tile_voxels = 2000  # every stem and dense-block-1/2 layer runs in several tiles
+    calls: list[str] = []
+    handle = random_net.conv0.register_forward_hook(lambda *_: calls.append("conv0"))
     try:
-        calls: list[str] = []
-        handle = random_net.conv0.register_forward_hook(lambda *_: calls.append("conv0"))
-        tiled = extract.extract_features(whole, [region], progress=True)
-        handle.remove()
+        tiled = extract.extract_features(tiles, [region], progress=True)  # every stem / block-1,2 layer in tiles
     finally:
-        random_net.tile_voxels = None
+        handle.remove()
     assert len(calls) > 1, "the stem was not tiled"
+    assert random_net.tile_voxels is None, "the placement's tiling leaked onto the shared network"
     assert tiled.layer_names == plain.layer_names
     for a, b in zip(tiled.vectors["tibia"], plain.vectors["tibia"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_preparing_a_network_twice_leaves_the_first_placement_unchanged(random_net):
+    cpu = extract.prepare_model(random_net, "cpu", "fp32")
+    bucketed = extract.prepare_model(random_net, "cpu", "fp32", bucket=32)
+    assert cpu.tile_voxels == extract.TILE_VOXELS and bucketed.tile_voxels is None
+    assert cpu.model is bucketed.model and random_net.tile_voxels is None
