@@ -12,6 +12,7 @@ import csv
 import io as _io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,57 +23,81 @@ import numpy as np
 CSV_HEADER = ("pair", "layer_1", "layer_2", "layer_3")
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-@contextlib.contextmanager
-def atomic_paths(paths: Sequence[str | Path], suffixes: Sequence[str] | None = None) -> Iterator[list[Path]]:
-    """Yield temporary paths next to ``paths``; rename them all into place on success.
+_UMASK = _read_umask()  # read once: setting the umask to read it is not thread-safe
 
-    On any exception (including ``KeyboardInterrupt``) every temporary file is removed and the
-    destinations are untouched. ``suffixes`` lets a writer that looks at the extension
-    (nibabel's ``.nii.gz``) see the right one.
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Yield temporary paths next to ``paths``; when the block succeeds, put them all in place.
+
+    All-or-nothing: on any exception (``KeyboardInterrupt`` and SIGTERM-as-interrupt included),
+    before or while the files are renamed into place, every destination gets back its earlier
+    content (or is removed if it did not exist) and no temporary or backup file is left.
     """
     targets = [Path(p) for p in paths]
-    suffixes = list(suffixes) if suffixes is not None else ["" for _ in targets]
     temps: list[Path] = []
+    backups: dict[Path, Path | None] = {}
+    done: list[Path] = []
     try:
-        for target, suffix in zip(targets, suffixes):
+        for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             os.close(fd)
             temps.append(Path(tmp))
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~_UMASK)
         yield temps
+        for target in targets:  # keep the earlier results until every new file is in place
+            backups[target] = None
+            if target.is_file():
+                backup = target.with_name(f".{target.name}.{os.getpid()}.bak")
+                try:
+                    os.link(target, backup)
+                except OSError:  # a file system without hard links (e.g. a mounted Google Drive)
+                    shutil.copy2(target, backup)
+                backups[target] = backup
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            backup = backups.get(target)
+            if backup is not None:
+                os.replace(backup, target)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+        raise
     finally:
-        for tmp in temps:
+        for path in [*temps, *(b for b in backups.values() if b is not None)]:
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                path.unlink()
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Single-file form of :func:`atomic_paths`."""
-    with atomic_paths([path], [suffix]) as (tmp,):
-        yield tmp
+def result_paths(csv_path: str | Path) -> dict[str, Path]:
+    """The files a run writes: ``{"csv": results.csv, "npz": results.npz, "json": results.json}``."""
+    csv_path = Path(csv_path)
+    return {"csv": csv_path, "npz": csv_path.with_suffix(".npz"), "json": csv_path.with_suffix(".json")}
 
 
 def check_output(path: str | Path) -> Path:
-    """Validate a results path before any work, creating nothing: it ends in ``.csv``, is not a
-    folder, and its folder exists writable or can be created under a writable existing folder.
-    Raises :class:`~helpers.errors.InputError` naming the path."""
+    """Validate a results path before any work, creating nothing: it ends in ``.csv``, none of
+    the run's files (:func:`result_paths`) is a folder, and the folder exists writable or can be
+    created under a writable existing folder. Raises :class:`~helpers.errors.InputError` naming
+    the path."""
     from .errors import InputError
 
     path = Path(path)
     if path.suffix.lower() != ".csv":
         raise InputError(f"{path}: --output must end in .csv")
-    if path.is_dir():
-        raise InputError(f"{path}: --output is a folder; give a .csv file path")
+    for target in result_paths(path).values():
+        if target.is_dir():
+            raise InputError(f"{target}: is a folder where a result file must be written")
     folder = path.parent
     existing = folder
     while not existing.exists() and existing != existing.parent:

@@ -277,8 +277,7 @@ def run(config: Config, model: extract.PreparedModel | None = None) -> Result:
 
 def write_results(result: Result) -> dict[str, Path]:
     """Write the CSV, NPZ and JSON of ``result`` next to each other, all-or-nothing."""
-    csv_path = outputs.check_output(result.config.output)
-    paths = {"csv": csv_path, "npz": csv_path.with_suffix(".npz"), "json": csv_path.with_suffix(".json")}
+    paths = outputs.result_paths(outputs.check_output(result.config.output))
     generated = getattr(result.scan, "mask_payload", None)  # mask="auto": the mask is written with the results
     if generated is not None:
         paths["mask"] = Path(result.scan.mask_path)
