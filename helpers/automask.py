@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from . import io
+from . import io, regions
 from .errors import InputError
 
 DEFAULT_THRESHOLD_HU = 200.0
@@ -202,7 +202,7 @@ def segment_bones(
     (uint8, or int32 for labels that need it) and a record of what was done. Raises
     :class:`InputError` (naming ``source``) when no femur above a tibia can be found.
     """
-    labels = dict(labels or {"tibia": 1, "femur": 2, "background": 0})
+    labels = dict(labels or regions.DEFAULT_LABELS)
     spacing = io.spacing_of(affine)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     hw = (int(image.shape[1]), int(image.shape[2]))

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p.add_argument("--volume", help="CT volume, NIfTI (.nii/.nii.gz), Hounsfield units")
     p.add_argument("--mask", help="label mask, NIfTI, same grid as the volume; or auto (auto:HU) to segment femur "
-                   "and tibia from the CT (saved as <output>_automask.nii.gz)")
+                   "and tibia from the CT (saved next to the results as <output stem>_automask.nii.gz)")
     p.add_argument("--output", default=d.output, help="results CSV; .npz and .json go next to it (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto|cpu|cuda|cuda:N|xla (default: %(default)s)")
     p.add_argument("--precision", default=d.precision, choices=extract.PRECISIONS,

@@ -31,6 +31,7 @@ import glob  # noqa: F401  (tests patch extract.glob.glob; TPU detection: helper
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -367,7 +368,6 @@ def _pads(module: nn.Module) -> bool:
     return any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))  # type: ignore[operator]
 
 
-@functools.lru_cache(maxsize=64)
 def valid_extents(model: nn.Module, valid: tuple[int, ...], padded: tuple[int, ...]) -> dict[tuple[int, ...], tuple[int, ...]]:
     """For a crop of shape ``valid`` zero-padded at its far end to ``padded``: each spatial size an
     activation has in the padded forward -> the size of the same activation in the unpadded
@@ -378,11 +378,19 @@ def valid_extents(model: nn.Module, valid: tuple[int, ...], padded: tuple[int, .
     (for max pooling after ReLU, zeros give the same maximum as its implicit -inf). So with
     the padded part of every padding layer's input zeroed, the valid part is exact.
     """
-    extents = {tuple(padded): tuple(valid)}
-    for p, v in zip(conv_shapes(model, tuple(padded)), conv_shapes(model, tuple(valid))):
-        if extents.setdefault(p.out_size, v.out_size) != v.out_size:
-            raise ValueError(f"bucketing: two activations of size {p.out_size} with different valid parts")
-    return extents
+    cache = _EXTENTS.setdefault(model, {})
+    key = (tuple(valid), tuple(padded))
+    if key not in cache:
+        extents = {tuple(padded): tuple(valid)}
+        for p, v in zip(conv_shapes(model, tuple(padded)), conv_shapes(model, tuple(valid))):
+            if extents.setdefault(p.out_size, v.out_size) != v.out_size:
+                raise ValueError(f"bucketing: two activations of size {p.out_size} with different valid parts")
+        cache[key] = extents
+    return cache[key]
+
+
+#: valid_extents' results per network, dropped with the network (no strong reference to it).
+_EXTENTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, dict[tuple[int, ...], tuple[int, ...]]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import re
 import socket
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from torchvision.models import DenseNet121_Weights, densenet121
 from torchvision.models.densenet import _DenseBlock
 
 from .errors import InputError, first_line
+from .io import sha256_file
 
 INFLATION_MODES = ("mean", "center")
 #: torchvision's legacy DenseNet key names ``...denselayer1.norm.1.weight`` -> ``...denselayer1.norm1.weight``
@@ -81,14 +81,6 @@ def fix_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def imagenet_weights_path() -> Path:
     """Where torchvision keeps the ImageNet DenseNet-121 checkpoint (``$TORCH_HOME/hub/checkpoints``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(DenseNet121_Weights.IMAGENET1K_V1.url).name
@@ -110,7 +102,7 @@ def _load_imagenet(progress: bool) -> tuple[dict[str, torch.Tensor], WeightsInfo
     with _socket_timeout(DOWNLOAD_TIMEOUT_S):
         state = torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
     path = imagenet_weights_path()
-    info = WeightsInfo("imagenet", f"torchvision DenseNet121_Weights.IMAGENET1K_V1 ({url})", str(path), _sha256(path))
+    info = WeightsInfo("imagenet", f"torchvision DenseNet121_Weights.IMAGENET1K_V1 ({url})", str(path), sha256_file(path))
     return state, info
 
 
@@ -173,7 +165,7 @@ def load_densenet121_2d(weights: str = "auto", seed: int = 0, progress: bool = F
                 f"{weights}: not a DenseNet-121 checkpoint ({len(missing)} missing keys, e.g. "
                 f"{(missing or unexpected)[0]!r}; {len(unexpected)} unexpected)"
             )
-        info = WeightsInfo("file", f"local checkpoint {weights}", str(Path(weights).resolve()), _sha256(Path(weights)))
+        info = WeightsInfo("file", f"local checkpoint {weights}", str(Path(weights).resolve()), sha256_file(weights))
     return model.eval(), info
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import importlib.metadata
 import platform
 import subprocess
 import sys
@@ -346,11 +347,9 @@ def software_versions() -> dict[str, str]:
         "scipy": scipy.__version__,
         **inflate.versions(),
     }
-    try:
-        import torch_xla
-
-        found["torch_xla"] = torch_xla.__version__
-    except ImportError:
+    try:  # the installed version, without importing torch_xla (slow, and it grabs the device)
+        found["torch_xla"] = importlib.metadata.version("torch_xla")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return found
 

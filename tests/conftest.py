@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# Tests never try to download ImageNet weights: a fresh TORCH_HOME per session keeps the
-# behaviour the same on machines with and without a cached checkpoint.
-os.environ.setdefault("KNEE_TEST", "1")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_torch_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never find (or try to download into) the user's cached ImageNet weights: the same
+    behaviour on machines with and without a cached checkpoint."""
     os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))
 
 
