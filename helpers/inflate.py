@@ -377,8 +377,9 @@ class DenseNet3d(nn.Sequential):
 
     inflation: str = "mean"
     weights_info: WeightsInfo | None = None
-    #: Compute a dense layer in depth tiles when its activations have more voxels than this
-    #: (None: never). Set by ``helpers.extract`` for large CPU inputs; changes memory, not results.
+    #: Run the stem, dense layers and transitions in depth tiles of about this many voxels when
+    #: their activations are larger (None: never). ``helpers.extract`` sets it for each forward
+    #: from its ``PreparedModel`` (on the CPU); it changes memory, not results.
     tile_voxels: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

@@ -38,7 +38,9 @@ RANDOM_WEIGHTS_BANNER = (
 
 @dataclass
 class Config:
-    """Settings of one run (CLI flags have the same names). Paths may be str or Path.
+    """Settings of one run; each field is the CLI option of the same name (``--no-progress`` sets
+    ``progress``, ``--phantom`` sets ``phantom_preset``, ``--data-dir`` sets ``data_dir``).
+    Paths may be str or Path.
 
     ``volume``/``mask`` empty means the embedded synthetic phantom (``phantom_preset``),
     written to ``data_dir`` on first use. ``mask="auto"`` (or ``"auto:HU"``) segments femur and
