@@ -32,8 +32,10 @@ demo: $(VENV)/.installed
 	mkdir -p outputs/notebook
 	JUPYTER_PREFER_ENV_PATH=1 $(PY) -m papermill notebooks/knee_ct_pipeline.ipynb outputs/knee_ct_pipeline.ipynb \
 		-k python3 -p device auto -p output_dir outputs/notebook
-	@cmp -s outputs/results.csv outputs/notebook/results.csv \
-		&& echo "notebook results.csv is byte-identical to the CLI's" || echo "note: notebook and CLI results.csv differ"
+	@cmp -s outputs/results.csv outputs/notebook/results.csv || { \
+		echo "error: outputs/notebook/results.csv (notebook) differs from outputs/results.csv (CLI); they must be byte-identical" >&2; \
+		exit 1; }
+	@echo "notebook results.csv is byte-identical to the CLI's"
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -8,7 +8,7 @@ Views are drawn in radiological convention with physical aspect (axes in mm):
 * coronal (fixed h): superior at the top, the patient's right on the image's left;
 * sagittal (fixed w): superior at the top, anterior on the left.
 
-CT is shown in a bone window (level 400 HU, width 1800 HU). Tibia and femur have fixed,
+CT is shown in the bone window of :data:`helpers.regions.DEFAULT_WINDOW` (level 400 HU, width 1800 HU). Tibia and femur have fixed,
 colour-blind-safe colours (orange, blue) in every figure.
 """
 
@@ -27,14 +27,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from .regions import DEFAULT_WINDOW
+
 if TYPE_CHECKING:  # pragma: no cover - type hints only; plots never imports torch itself
     from .extract import Features, PreparedModel
     from .io import Scan
     from .regions import Region
     from .similarity import SimilarityTable
 
-#: Bone window (HU): level, width.
-BONE_WINDOW = (400.0, 1800.0)
 #: Colour of each region in every figure (Okabe-Ito orange and blue; grey for background).
 COLOURS = {"tibia": "#E69F00", "femur": "#0072B2", "background": "#9A9A9A"}
 #: Colour of each pair in the similarity profile.
@@ -100,7 +100,7 @@ def labelled_centre(mask: np.ndarray, labels: Mapping[str, int]) -> tuple[int, i
     return tuple(int(round(float(np.mean(np.flatnonzero(hit.any(axis=tuple(o for o in range(3) if o != a))))))) for a in range(3))  # type: ignore[return-value]
 
 
-def _window(window: tuple[float, float] = BONE_WINDOW) -> dict[str, float]:
+def _window(window: tuple[float, float] = DEFAULT_WINDOW) -> dict[str, float]:
     level, width = window
     return {"vmin": level - width / 2, "vmax": level + width / 2}
 
@@ -160,7 +160,7 @@ def overlay_views(scan: Scan, labels: Mapping[str, int], opacity: float = 0.35) 
         for ax, axis in zip(row, AXES):
             index = largest_section(scan.mask, labels[bone], axis)
             _draw_slice(ax, scan, labels, axis, index, opacity, title=f"{axis} through the {bone} ({'dhw'[VIEW_AXIS[axis]]} = {index})")
-    level, width = BONE_WINDOW
+    level, width = DEFAULT_WINDOW
     fig.suptitle(f"Label mask on the CT (bone window L {level:g} / W {width:g} HU; spacing d,h,w = "
                  f"{', '.join(f'{s:g}' for s in scan.spacing)} mm)", fontsize=12, x=0.02, ha="left")  # fmt: skip
     _bone_legend(fig, labels)
@@ -224,14 +224,24 @@ def pair_label(pair: str) -> str:
     return pair.replace("_", " \u2194 ")
 
 
+def from_end(k: int) -> str:
+    """Position counted from the end: 1 -> ``last``, 3 -> ``3rd-last``, 5 -> ``5th-last``."""
+    if k == 1:
+        return "last"
+    suffix = "th" if k % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}-last"
+
+
 def similarity_heatmap(table: SimilarityTable) -> Figure:
     """Results table as a heatmap: pairs x layer_1..3, values annotated, diverging colours centred on 0."""
+    from .similarity import FROM_END  # imported here: plots itself never imports torch
+
     values = np.asarray(table.values, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(9.5, 4.6), layout="constrained")
     im = ax.imshow(values, cmap="RdBu_r", norm=TwoSlopeNorm(vmin=-1.0, vcenter=0.0, vmax=1.0), aspect="auto")
-    positions = {"layer_1": "last", "layer_2": "3rd-last", "layer_3": "5th-last"}
     ax.set_xticks(range(len(table.columns)),
-                  [f"{c} ({positions.get(c, '')} conv)\n{short_layer(n)}" for c, n in zip(table.columns, table.column_layers)],
+                  [f"{c} ({from_end(FROM_END[c])} conv)\n{short_layer(n)}" if c in FROM_END else f"{c}\n{short_layer(n)}"
+                   for c, n in zip(table.columns, table.column_layers)],
                   fontsize=10)  # fmt: skip
     ax.set_yticks(range(len(table.pairs)), [pair_label(p) for p in table.pairs], fontsize=11)
     ax.tick_params(top=True, bottom=False, labeltop=True, labelbottom=False, length=0)
@@ -355,14 +365,22 @@ class SliceBrowser:
             opacity = widgets.FloatSlider(value=self.state["opacity"], min=0.0, max=1.0, step=0.05, description="overlay",
                                           continuous_update=False)  # fmt: skip
 
+            moving = []  # non-empty while on_axis moves the slider: its changes must not draw on their own
+
             def on_axis(change: Any) -> None:
                 new = change["new"]
-                index.max = self.scan.shape[VIEW_AXIS[new]] - 1
-                self.state["axis"] = new
-                index.value = self.centre[VIEW_AXIS[new]]  # redraws through on_other when the value changes
-                self._update()
+                moving.append(new)
+                try:
+                    index.max = self.scan.shape[VIEW_AXIS[new]] - 1  # may clamp the value
+                    index.value = self.centre[VIEW_AXIS[new]]
+                finally:
+                    moving.clear()
+                self.state.update(axis=new, index=index.value)
+                self._update()  # the one draw of an axis change
 
             def on_other(_change: Any) -> None:
+                if moving:
+                    return
                 self.state["index"], self.state["opacity"] = index.value, opacity.value
                 self._update()
 
@@ -480,17 +498,8 @@ def feature_summary(features: Features) -> str:
     return "\n".join(lines)
 
 
-def results_table(table: SimilarityTable) -> str:
-    """The results table as aligned text, with the layer behind each column."""
-    width = max(len(p) for p in table.pairs)
-    lines = [f"{'pair':<{width}}  " + "  ".join(f"{c:>9}" for c in table.columns)]
-    lines += [f"{p:<{width}}  " + "  ".join(f"{v:9.4f}" for v in row) for p, row in zip(table.pairs, table.values)]
-    lines += [f"{c} = {n}" for c, n in zip(table.columns, table.column_layers)]
-    return "\n".join(lines)
-
-
 __all__ = [
-    "AXES", "BONE_WINDOW", "COLOURS", "SliceBrowser", "View", "crop_boxes", "feature_summary", "largest_section",
-    "model_summary", "overlay_views", "region_inputs", "region_summary", "results_table", "save_figures",
+    "AXES", "COLOURS", "SliceBrowser", "View", "crop_boxes", "feature_summary", "largest_section",
+    "model_summary", "overlay_views", "region_inputs", "region_summary", "save_figures",
     "scan_summary", "similarity_heatmap", "similarity_profile", "slice_browser", "view",
 ]  # fmt: skip

@@ -4,11 +4,16 @@ Everything here works **before torch is imported** (and never imports it): on a 
 runtime torch and torch_xla must be installed as a matched pair before the first
 ``import torch`` in the kernel, so the environment is detected from the operating system:
 
-* TPU: TPU device files (``/dev/accel*``, or ``/dev/vfio/<n>`` beside the ``vfio`` control
-  node), ``PJRT_DEVICE=TPU`` or ``TPU_*`` / ``COLAB_TPU_ADDR`` variables in the environment;
+* TPU (:func:`tpu_evidence`, the project's one TPU detector; ``helpers.extract.is_tpu_host``
+  calls it): ``PJRT_DEVICE=TPU``, TPU device files ``/dev/accel<N>``, or a TPU chip on the PCI
+  bus (Google's vendor id with a TPU device id: the check torch_xla itself uses);
 * GPU: ``nvidia-smi`` lists a device;
 * Colab: the IPython shell is Colab's (``google.colab._shell``); the ``COLAB_*`` variables are
   also set in Kaggle's Colab-based image, so they are not used alone.
+
+Which device ``device="auto"`` gets is decided by ``helpers.extract.resolve_device`` when the
+network is built (it asks torch); :func:`auto_device` predicts it with the same order (a GPU,
+else a TPU with torch_xla, else the CPU).
 
 ``google.colab`` is imported only inside Colab. Versions are read from the installed
 distributions' metadata, so printing them imports nothing.
@@ -29,15 +34,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
 #: torch_xla's last release and the torch/torchvision it is built against (installed together on TPU).
 TPU_PACKAGES = ("torch==2.9.0", "torchvision==0.24.0", "torch_xla[tpu]==2.9.0")
 #: Requirements a notebook front end already provides; never installed by the notebook.
 FRONTEND_PACKAGES = frozenset({"papermill", "ipykernel", "nbformat"})
 #: Distributions whose versions the set-up cell prints.
 SHOWN_VERSIONS = ("torch", "torchvision", "torch_xla", "numpy", "nibabel", "scipy", "matplotlib", "ipywidgets")
+#: Oldest torch this tool runs on (the cuDNN ``fp32_precision`` API; README 'Precision').
+MIN_TORCH = "2.9"
 #: Where Colab mounts Google Drive.
 DRIVE_MOUNT = "/content/drive"
 UPLOAD_MODES = ("none", "upload", "drive")
+#: PCI ids of TPU chips, as torch_xla lists them (``torch_xla._internal.tpu``): Google's vendor id and the
+#: device ids of v2/v3, v4, v5e, v6e, 7x and two test chips. The vendor id alone is no TPU (every GCE VM has a gVNIC).
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = frozenset({"0x0027", "0x005e", "0x0063", "0x006f", "0x0076", "0x0056", "0x0062"})
 
 
 @dataclass(frozen=True)
@@ -68,18 +82,41 @@ def in_colab() -> bool:
     return shell is not None and type(shell).__module__.startswith("google.colab")
 
 
-def tpu_evidence(environ: Mapping[str, str] | None = None, dev: str = "/dev") -> list[str]:
-    """Reasons to believe this host has a TPU (empty when there are none)."""
+def tpu_pci_chips(pci: str = "/sys/bus/pci/devices") -> list[str]:
+    """PCI slots holding a TPU chip (vendor Google and a TPU device id), as torch_xla counts them."""
+    found = []
+    for vendor in sorted(glob.glob(os.path.join(pci, "*", "vendor"))):
+        slot = os.path.dirname(vendor)
+        try:
+            if Path(vendor).read_text().strip() != GOOGLE_PCI_VENDOR:
+                continue
+            device = Path(slot, "device").read_text().strip()
+        except OSError:
+            continue
+        if device in TPU_PCI_DEVICES:
+            found.append(f"PCI {os.path.basename(slot)} (TPU {device})")
+    return found
+
+
+def tpu_evidence(environ: Mapping[str, str] | None = None, dev: str = "/dev", pci: str = "/sys/bus/pci/devices") -> list[str]:
+    """Reasons to believe this host has a TPU (empty when there are none): the project's one TPU detector.
+
+    ``PJRT_DEVICE=TPU``, TPU device files ``/dev/accel<N>`` (TPU v2-v4 VMs) or a TPU chip on the
+    PCI bus (:func:`tpu_pci_chips`; v5e and later expose their chips through VFIO, and
+    ``/dev/vfio/<N>`` alone also exists for any passed-through device, so the PCI ids decide).
+    ``TPU_*`` / ``COLAB_TPU_ADDR`` variables are not evidence: they are set in images without a
+    local TPU (and ``COLAB_TPU_ADDR`` names a remote TPU node, which PJRT cannot use).
+    """
     env = os.environ if environ is None else environ
-    found = sorted(glob.glob(os.path.join(dev, "accel*")))
-    vfio = os.path.join(dev, "vfio")
-    if os.path.isdir(vfio):
-        groups = [n for n in os.listdir(vfio) if n != "vfio"]  # "vfio" is the control node, present on any host
-        found += [os.path.join(vfio, n) for n in sorted(groups)]
+    found = sorted(glob.glob(os.path.join(dev, "accel[0-9]*")))
     if env.get("PJRT_DEVICE", "").upper() == "TPU":
         found.append("PJRT_DEVICE=TPU")
-    found += sorted(k for k in env if k.startswith("TPU_") or k == "COLAB_TPU_ADDR")
-    return found
+    return found + tpu_pci_chips(pci)
+
+
+def is_tpu_host() -> bool:
+    """True on a TPU VM (Colab TPU runtimes included); see :func:`tpu_evidence`."""
+    return bool(tpu_evidence())
 
 
 def gpu_names() -> list[str]:
@@ -95,13 +132,13 @@ def gpu_names() -> list[str]:
 
 
 def detect() -> Environment:
-    """Detect Colab and the accelerator without importing torch."""
-    tpu = tpu_evidence()
-    if tpu:
-        return Environment(in_colab(), "tpu", ", ".join(tpu[:4]))
+    """Detect Colab and the accelerator without importing torch (a GPU first, as ``resolve_device`` does)."""
     gpus = gpu_names()
     if gpus:
         return Environment(in_colab(), "gpu", ", ".join(gpus))
+    tpu = tpu_evidence()
+    if tpu:
+        return Environment(in_colab(), "tpu", ", ".join(tpu[:4]))
     return Environment(in_colab(), "cpu", platform.processor() or platform.machine())
 
 
@@ -141,40 +178,86 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def missing_packages(env: Environment, specs: Sequence[str] | None = None) -> list[str]:
-    """The pip requirements to install here: only what is not installed at all.
+def satisfies(spec: str) -> bool:
+    """True when the installed distribution meets the requirement line (installed, version in range).
 
-    On a TPU host without torch_xla this is the matched torch/torchvision/torch_xla trio
-    (:data:`TPU_PACKAGES`) first, replacing whatever torch is there. Front-end packages
-    (papermill, ipykernel, nbformat) are never included.
+    Requirements whose environment marker does not apply here are met. Pre-release and local
+    versions count (``2.9.0+cu126`` is in ``>=2.9,<2.15``).
+    """
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement:
+        return installed_version(requirement_name(spec)) is not None
+    if req.marker is not None and not req.marker.evaluate():
+        return True
+    have = installed_version(requirement_name(spec))
+    if have is None:
+        return False
+    try:
+        return req.specifier.contains(Version(have), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
+def packages_to_install(env: Environment, specs: Sequence[str] | None = None) -> list[str]:
+    """The pip requirements to install here: those not installed, or installed at a version outside their range.
+
+    On a TPU host torch and torchvision come only as the matched torch/torchvision/torch_xla
+    trio (:data:`TPU_PACKAGES`), first, when torch_xla is missing or torch is outside its range.
+    On a GPU runtime an installed torch/torchvision (Colab's CUDA build) is never replaced, even
+    out of range (:func:`torch_warnings` says so). Front-end packages (papermill, ipykernel,
+    nbformat) are never included.
     """
     specs = requirements() if specs is None else list(specs)
-    todo: list[str] = []
-    tpu_trio = env.accelerator == "tpu" and installed_version("torch_xla") is None
-    if tpu_trio:
-        todo += TPU_PACKAGES
+    torch_spec = next((s for s in specs if requirement_name(s) == "torch"), "torch")
+    tpu = env.accelerator == "tpu"
+    tpu_trio = tpu and (installed_version("torch_xla") is None or not satisfies(torch_spec))
+    todo: list[str] = list(TPU_PACKAGES) if tpu_trio else []
     for spec in specs:
         name = requirement_name(spec)
-        if name in FRONTEND_PACKAGES or (tpu_trio and name in ("torch", "torchvision")):
-            continue
-        if installed_version(name) is None:
+        kept = name in ("torch", "torchvision") and (tpu or (env.accelerator == "gpu" and installed_version(name) is not None))
+        if name not in FRONTEND_PACKAGES and not kept and not satisfies(spec):
             todo.append(spec)
     return todo
 
 
-def install_missing(env: Environment, dry_run: bool = False) -> list[str]:
-    """In Colab, pip-install what is missing (see :func:`missing_packages`); elsewhere install nothing.
+def torch_warnings(env: Environment, specs: Sequence[str] | None = None) -> list[str]:
+    """On a GPU runtime: a warning for each installed torch/torchvision outside its range (kept, not reinstalled)."""
+    if env.accelerator != "gpu":
+        return []
+    specs = requirements() if specs is None else list(specs)
+    out = []
+    for spec in specs:
+        name, have = requirement_name(spec), installed_version(requirement_name(spec))
+        if name not in ("torch", "torchvision") or have is None or satisfies(spec):
+            continue
+        try:
+            old = name == "torch" and Version(have).release < Version(MIN_TORCH).release
+        except InvalidVersion:
+            old = False
+        if old:
+            out.append(f"warning: torch {have} is older than {MIN_TORCH}, which this tool needs; the notebook keeps this "
+                       f"GPU runtime's CUDA build: pip install '{spec}', then Runtime > Restart session")  # fmt: skip
+        else:
+            out.append(f"warning: {name} {have} is outside {spec} (tested); kept, as this GPU runtime's CUDA build")
+    return out
 
-    torch/torch_xla must be installed before the kernel first imports torch: if torch was
-    already imported, this raises and asks for a runtime restart. Returns what was (or, with
-    ``dry_run``, would be) installed.
+
+def install_requirements(env: Environment, dry_run: bool = False) -> list[str]:
+    """In Colab, pip-install what is missing or out of range (see :func:`packages_to_install`); elsewhere nothing.
+
+    Prints :func:`torch_warnings`. torch/torch_xla must be installed before the kernel first
+    imports torch: if torch was already imported, this raises and asks for a runtime restart.
+    Returns what was (or, with ``dry_run``, would be) installed.
     """
     if not env.colab:
         return []
-    todo = missing_packages(env)
+    for line in torch_warnings(env):
+        print(line, flush=True)
+    todo = packages_to_install(env)
     if not todo or dry_run:
         return todo
-    if "torch" in sys.modules and any(requirement_name(s) in ("torch", "torch-xla") for s in todo):
+    if "torch" in sys.modules and any(requirement_name(s) in ("torch", "torchvision", "torch-xla") for s in todo):
         raise RuntimeError(
             "torch is already imported in this kernel, so torch/torch_xla cannot be replaced: "
             "Runtime > Restart session, then run the notebook from the top"
@@ -191,8 +274,12 @@ def versions(names: Sequence[str] = SHOWN_VERSIONS) -> dict[str, str]:
 
 
 def auto_device(env: Environment) -> str:
-    """The device ``device="auto"`` should resolve to here: cuda on a GPU, xla on a TPU with torch_xla, else cpu."""
-    if env.accelerator == "gpu":
+    """The device ``device="auto"`` is expected to get here, in ``helpers.extract.resolve_device``'s order:
+    cuda on a GPU (unless torch is a CPU-only build), xla on a TPU with torch_xla installed, else cpu.
+
+    Only a prediction: ``resolve_device`` asks torch itself when the network is built.
+    """
+    if env.accelerator == "gpu" and "+cpu" not in (installed_version("torch") or ""):
         return "cuda"
     if env.accelerator == "tpu" and installed_version("torch_xla") is not None:
         return "xla"
@@ -204,7 +291,9 @@ def describe(env: Environment) -> str:
     accel = {"tpu": "TPU", "gpu": "GPU", "cpu": "CPU only"}[env.accelerator]
     lines = [
         f"runtime     : {env.runtime} (python {env.python}, {env.executable})",
-        f"accelerator : {accel} ({env.accelerator_detail}); device 'auto' -> {auto_device(env)}",
+        f"accelerator : {accel} ({env.accelerator_detail})",
+        f"device auto -> {auto_device(env)} expected (helpers.extract.resolve_device makes the final choice "
+        "when the network is built; section 5 prints it)",
         f"helpers from: {Path(__file__).resolve().parent}",
         "versions    : " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
@@ -253,8 +342,18 @@ def get_inputs(volume: str, mask: str, upload: str, env: Environment) -> tuple[s
     ``upload="upload"``: pick files in the browser (:func:`google.colab.files.upload`, saved to
     the working directory). ``upload="drive"``: mount Google Drive at ``/content/drive``;
     relative paths are then taken from ``MyDrive``. Outside Colab ``upload`` is ignored (with a
-    note). Empty paths stay empty (the phantom); other paths become absolute (see :func:`project_path`).
+    note). Empty paths stay empty (the phantom), ``mask="auto"`` / ``"auto:HU"`` (segment the
+    bones from the CT) stays as it is; other paths become absolute (see :func:`project_path`).
     """
+    from .automask import is_auto  # imports scipy and nibabel: only after the set-up cell installed them
+
+    def resolve(path: str, base: Path | None = None) -> str:
+        """Empty and auto specs stay; a relative path is taken from ``base`` (default: the repository root)."""
+        if not path or is_auto(path):
+            return path
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else base / p if base is not None else project_path(p))
+
     if upload not in UPLOAD_MODES:
         raise ValueError(f"upload: expected one of {', '.join(UPLOAD_MODES)}, got {upload!r}")
     if upload != "none" and not env.colab:
@@ -263,12 +362,11 @@ def get_inputs(volume: str, mask: str, upload: str, env: Environment) -> tuple[s
         from google.colab import files  # only exists in Colab
 
         names = list(files.upload())
-        volume, mask = (str(Path.cwd() / n) for n in pick_upload(names, Path(volume).name, Path(mask).name))
+        picked = pick_upload(names, Path(volume).name, mask if is_auto(mask) else Path(mask).name)
+        volume, mask = (resolve(n, Path.cwd()) for n in picked)
     elif upload == "drive":
         from google.colab import drive  # only exists in Colab
 
         drive.mount(DRIVE_MOUNT)
-        base = Path(DRIVE_MOUNT) / "MyDrive"
-        volume, mask = (str(p if Path(p).is_absolute() else base / p) if p else "" for p in (volume, mask))
-    return tuple(str(project_path(p)) if p else "" for p in (volume, mask))  # type: ignore[return-value]
-
+        volume, mask = (resolve(p, Path(DRIVE_MOUNT) / "MyDrive") for p in (volume, mask))
+    return resolve(volume), resolve(mask)

@@ -179,6 +179,44 @@ def test_slice_browser_renders_every_axis_headless(scan, labels):
     assert browser.render(index=10_000).startswith(PNG_SIGNATURE)  # out-of-range slice is clipped, not an error
 
 
+def test_slice_browser_draws_once_per_control_change(scan, labels, monkeypatch):
+    """Changing the axis moves the slice slider (maximum, then the centre): still one image per change."""
+    pytest.importorskip("ipywidgets")
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    browser = plots.SliceBrowser(scan, labels, axis="coronal").show()
+    draws = []
+    monkeypatch.setattr(browser, "render", lambda *a, **k: draws.append(dict(browser.state)) or PNG_SIGNATURE)
+
+    class Handle:
+        def update(self, _image):
+            pass
+
+    browser.handle = Handle()
+    axis, index, opacity = browser.controls.children
+    for view_, expected_max in (("axial", scan.shape[0] - 1), ("sagittal", scan.shape[2] - 1), ("coronal", scan.shape[1] - 1)):
+        draws.clear()
+        axis.value = view_
+        assert len(draws) == 1, draws
+        assert index.max == expected_max
+        assert draws[0] == {"axis": view_, "index": browser.centre[plots.VIEW_AXIS[view_]], "opacity": browser.state["opacity"]}
+    draws.clear()
+    index.value = 3
+    opacity.value = 0.8
+    assert [(d["index"], d["opacity"]) for d in draws] == [(3, 0.35), (3, 0.8)]
+
+
+def test_heatmap_and_window_use_the_pipelines_definitions(table):
+    from helpers.similarity import FROM_END
+
+    assert [plots.from_end(k) for k in (1, 2, 3, 5, 11, 21)] == ["last", "2nd-last", "3rd-last", "5th-last", "11th-last", "21st-last"]
+    fig = plots.similarity_heatmap(table)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert [t.split("\n")[0] for t in ticks] == [f"{c} ({plots.from_end(FROM_END[c])} conv)" for c in table.columns]
+    assert plots._window() == {"vmin": regions.DEFAULT_WINDOW[0] - regions.DEFAULT_WINDOW[1] / 2,
+                               "vmax": regions.DEFAULT_WINDOW[0] + regions.DEFAULT_WINDOW[1] / 2}  # fmt: skip
+    assert not hasattr(plots, "BONE_WINDOW")
+
+
 def test_save_figures_writes_png_files(tmp_path, table):
     figures = {"similarity_heatmap": plots.similarity_heatmap(table), "similarity_profile": plots.similarity_profile(table)}
     paths = plots.save_figures(figures, tmp_path / "figs")
@@ -196,5 +234,4 @@ def test_text_summaries_state_units_and_values(scan, labels, crops, table):
     rows = plots.region_summary(crops).splitlines()
     assert [r.split()[0] for r in rows] == ["tibia", "femur", "background"]
     assert "0:64 0:96 0:96" in rows[2]
-    result = plots.results_table(table)
-    assert f"{table.values[1, 2]:.4f}" in result and "layer_1 = denseblock4.denselayer16.conv2" in result
+    assert not hasattr(plots, "results_table"), "the results table has one formatter: similarity.format_table"
