@@ -123,7 +123,9 @@ CASES: list[Callable[[Path], tuple[Path, Path, Path, str]]] = [
 
 @pytest.fixture
 def no_model_build(cpu_model, monkeypatch):
-    """The CLI reuses the session's network (and must not need it: input errors come first)."""
+    """The CLI reuses the session's network instead of building one. Most input errors come
+    before the network is needed; a label missing from the mask is found by the crop stage,
+    which asks the network for its minimum input size, so the network is built by then."""
     monkeypatch.setattr(pipeline, "build_model", lambda config: cpu_model)
 
 

@@ -54,8 +54,8 @@ def test_cli_device_cuda_without_gpu_exits_2_with_one_line(phantom_files, tmp_pa
                      "--device", "cuda", "--weights", "random", "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("error: --device cuda: CUDA is not available")
-    assert not any("Traceback" in line for line in err)
+    assert len(err) == 1, err  # no random-weights banner, no traceback: the error alone
+    assert err[0].startswith("error: --device cuda: CUDA is not available")
     assert not (tmp_path / "r.csv").exists()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -211,7 +210,7 @@ def test_2d_and_single_slice_images_are_rejected(tmp_path, pair):
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_header_claiming_1e12_voxels_fails_fast_without_allocating(tmp_path, suffix):
+def test_header_claiming_1e12_voxels_is_rejected_without_allocating(tmp_path, suffix):
     hdr = nib.Nifti1Header()
     hdr.set_data_dtype(np.int16)
     hdr["dim"] = [3, 10000, 10000, 10000, 1, 1, 1, 1]  # 10^12 voxels, 2 TB of int16
@@ -219,13 +218,11 @@ def test_header_claiming_1e12_voxels_fails_fast_without_allocating(tmp_path, suf
     hdr["vox_offset"] = 352
     path = write(tmp_path / f"huge{suffix}", hdr.binaryblock + bytes(4) + bytes(1000))
     tracemalloc.start()
-    t = time.perf_counter()
     with pytest.raises(InputError, match=r"header claims 1e\+12 voxels"):
         io.read_nifti(path)
-    elapsed = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert elapsed < 1.0 and peak < 4 * 2**20, (elapsed, peak)
+    assert peak < 4 * 2**20, f"rejected only after allocating {peak} bytes"
 
 
 def test_plausible_header_with_missing_data_fails_without_allocating_it(tmp_path):
@@ -362,6 +359,6 @@ def test_random_label_volumes_never_crash_the_crop_stage(mask, pad, mode, normal
         inside = np.zeros(mask.shape, bool)
         inside[crop.slices] = True
         assert not np.any((mask == crop.label) & ~inside), "the box holds every voxel of its label"
-        assert all(s >= min(min_size, 1) for s in crop.array.shape) and all(s >= min_size for s in crop.array.shape)
+        assert all(s >= min_size for s in crop.array.shape), (crop.array.shape, min_size)
         assert np.all(np.isfinite(crop.array))
         assert crop.label_voxels == int(np.count_nonzero(mask == crop.label))

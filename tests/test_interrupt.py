@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO, NoReturn
 
 import numpy as np
 import pytest
@@ -87,29 +90,67 @@ raise SystemExit(cli.main(sys.argv[2:]))
 """
 
 
+#: Bounds (seconds) of each wait on the child: READY on stderr, exit after the signal, end of stderr.
+READY_S, EXIT_S, DRAIN_S = 240.0, 60.0, 30.0
+
+
+def _read_lines(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Reader thread: every line of ``stream`` into ``lines``, then None at end of file."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _fail_killed(proc: subprocess.Popen[str], lines: list[str], why: str) -> NoReturn:
+    proc.kill()
+    proc.wait(timeout=30)
+    pytest.fail(f"{why} (exit status {proc.returncode}; stderr so far: {''.join(lines)!r})")
+
+
 @pytest.mark.parametrize("stage, sig", [("write", signal.SIGINT), ("extract", signal.SIGTERM)],
                          ids=["ctrl-c-while-writing", "sigterm-while-extracting"])  # fmt: skip
 def test_signal_during_a_real_run(phantom_files, out_dir, stage, sig):
+    """Every wait is bounded: a child that hangs silently is killed and the test fails."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW, stage, *_args(phantom_files, out_dir, "--mask", "auto")],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
-    deadline = time.monotonic() + 240
-    lines = []
     assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line)
-        if line.strip() == "READY" or time.monotonic() > deadline:
-            break
-    assert lines and lines[-1].strip() == "READY", "".join(lines)
-    during = sorted(p.name for p in out_dir.iterdir())
-    os.kill(proc.pid, sig)
+    received: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stderr, received), daemon=True).start()
+    lines: list[str] = []
     try:
-        _, rest = proc.communicate(timeout=60)
+        deadline = time.monotonic() + READY_S
+        while not lines or lines[-1].strip() != "READY":
+            try:
+                line = received.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                _fail_killed(proc, lines, f"no READY from the {stage} stage within {READY_S:g} s; killed")
+            if line is None:
+                _fail_killed(proc, lines, f"the child closed stderr before the {stage} stage")
+            lines.append(line)
+        during = sorted(p.name for p in out_dir.iterdir())
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=EXIT_S)
+        except subprocess.TimeoutExpired:
+            _fail_killed(proc, lines, f"still running {EXIT_S:g} s after {sig.name}; killed")
+        rest: list[str] = []
+        deadline = time.monotonic() + DRAIN_S
+        while True:
+            try:
+                line = received.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"stderr still open {DRAIN_S:g} s after the child exited (so far: {''.join(lines + rest)!r})")
+            if line is None:
+                break
+            rest.append(line)
     finally:
-        proc.kill()
-    assert proc.returncode == 130, "".join(lines) + rest
-    assert rest.strip().splitlines()[-1] == "interrupted: previous results were left as they were"
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, "".join(lines + rest)
+    assert "".join(rest).strip().splitlines()[-1:] == ["interrupted: previous results were left as they were"], rest
     if stage == "write":
         assert any(name.endswith(".tmp") for name in during), during
     _untouched(out_dir)

@@ -116,7 +116,16 @@ def test_cli_flag_reaches_the_run_and_the_provenance(phantom_files, cpu_model, m
     run = pipeline.Run(config, cpu_model)
     scan = run.load()
     assert scan.spacing == (2.0, 2.0, 2.0) and scan.shape == (96, 96, 96)
-    assert run.timings["resample"] >= 0
+    assert scan.image.shape == scan.mask.shape == (96, 96, 96)
+    # the run's scan is the native one on the asked grid: 2 mm voxel axes, same centre, step recorded
+    native = io.load_scan(ct, mask)
+    np.testing.assert_allclose(np.linalg.norm(scan.affine[:3, :3], axis=0), [2.0, 2.0, 2.0])
+    centre = lambda s: s.affine @ np.r_[(np.array(s.shape) - 1) / 2, 1.0]  # noqa: E731
+    np.testing.assert_allclose(centre(scan), centre(native), atol=1e-6)
+    assert scan.processing == [*native.processing, {
+        "step": "resample", "spacing_mm_from": [3.0, 2.0, 2.0], "spacing_mm": [2.0, 2.0, 2.0],
+        "shape_from": [64, 96, 96], "shape": [96, 96, 96], "image_interpolation": "linear",
+        "mask_interpolation": "nearest", "axes": "d, h, w"}]  # fmt: skip
     monkeypatch.setattr(pipeline, "build_model", lambda config: cpu_model)
     out = tmp_path / "results.csv"
     code = cli.main(["--volume", str(ct), "--mask", str(mask), "--spacing", "2", "2", "3", "--output", str(out),
@@ -126,3 +135,5 @@ def test_cli_flag_reaches_the_run_and_the_provenance(phantom_files, cpu_model, m
     assert record["settings"]["spacing"] == ["2", "2", "3"]
     assert record["scan"]["processing"][0]["step"] == "resample"
     assert record["scan"]["spacing_mm"] == [3.0, 2.0, 2.0]  # d, h, w
+    step = record["scan"]["processing"][-1]  # x y z 2 2 3 mm is the phantom's native grid: kept, and said so
+    assert step["spacing_mm"] == [3.0, 2.0, 2.0] and step["unchanged"] is True and record["scan"]["shape"] == [64, 96, 96]
