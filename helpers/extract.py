@@ -27,7 +27,6 @@ graph; it works on every device.
 from __future__ import annotations
 
 import functools
-import glob  # noqa: F401  (tests patch extract.glob.glob; TPU detection: helpers.runtime)
 import logging
 import os
 import time

@@ -47,8 +47,8 @@ from torch import nn
 
 from .errors import InputError, warn
 
-#: Upper bound of measured peak RSS / live set on the CPU (0.6-1.65 measured over shapes and runs, glibc keeping freed memory); tests/test_memory.py.
-CPU_FACTOR = 1.8
+#: Upper bound of measured peak RSS growth / live set on the CPU (0.8-2.15 measured over shapes and runs: glibc keeps freed memory, so fragmentation varies); tests/test_memory.py.
+CPU_FACTOR = 2.2
 #: Extra bytes allowed on every device for allocator rounding and library scratch.
 FIXED_OVERHEAD = 128 * 2**20
 #: Extra fraction on CUDA for cuDNN workspaces and the caching allocator's fragmentation.

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import cli, extract, io, regions
+from helpers import cli, extract, io, regions, runtime
 from helpers.errors import InputError, PipelineWarning
 
 HAS_CUDA = torch.cuda.is_available()
@@ -102,7 +102,7 @@ def test_tpu_host_detection_by_pci_id(monkeypatch, tmp_path, vendor, device, exp
     """Google's PCI vendor id alone is not a TPU (every GCE VM has a Google gVNIC)."""
     vendor_file = _fake_pci(tmp_path, vendor, device)
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
-    monkeypatch.setattr(extract.glob, "glob", lambda pattern: [vendor_file] if pattern.endswith("vendor") else [])
+    monkeypatch.setattr(runtime.glob, "glob", lambda pattern: [vendor_file] if pattern.endswith("vendor") else [])
     assert extract.is_tpu_host() is expected
     monkeypatch.setenv("PJRT_DEVICE", "TPU")
     assert extract.is_tpu_host() is True
