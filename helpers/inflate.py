@@ -368,9 +368,13 @@ class DenseNet3d(nn.Sequential):
       wherever the input is not needed afterwards (conv outputs, the block buffer before a
       transition), so no second copy of the largest activations is ever allocated;
     * ``norm5`` (no conv after it) is skipped: ``forward`` returns the last dense block's output;
-    * with ``tile_voxels`` set, dense layers whose activations are larger run in depth tiles
-      (:func:`partial_rows`), so the normalised input and bottleneck of only one tile exist at a
-      time: for a 512 x 512 x 216 scan this is ~1.2 GB less peak memory.
+    * with ``tile_voxels`` set, the stem (conv0 -> pool0), the dense layers and the transitions
+      run in depth tiles with a halo where their activations are larger (:func:`partial_rows`
+      tells the hooks which rows of each call are its own); the stem writes straight into dense
+      block 1's buffer. For a 512 x 512 x 216 scan the 1.8 GB conv0 output and the normalised
+      copies of block 1's 906 MB buffer never exist whole;
+    * on the CPU in bf16 the modules' fast paths apply (:class:`Conv3d`, :func:`bn_relu`,
+      :func:`max_pool`, :func:`avg_pool`).
 
     Every Conv3d is still called as a module, so forward hooks see every conv output.
     """
