@@ -168,7 +168,7 @@ class Run:
         self._model = model
         self._announced = False
         self.scan: io.Scan | None = None
-        self.labels: dict[str, int] | None = None
+        self.labels: dict[str, int] = regions.parse_labels(config.labels)  #: region -> label value
         self.regions: list[regions.Region] | None = None
         self.features: extract.Features | None = None
         self.table: similarity.SimilarityTable | None = None
@@ -211,7 +211,7 @@ class Run:
         c = self.config
         if automask.is_auto(c.mask):
             volume = Path(c.volume) if c.volume else phantom.ensure_phantom(c.data_dir, c.phantom_preset)[0]
-            self.scan = self._stage("load", automask.load_auto, volume, c.mask, regions.parse_labels(c.labels),
+            self.scan = self._stage("load", automask.load_auto, volume, c.mask, self.labels,
                                     automask.automask_path(c.output))  # fmt: skip
         else:
             volume, mask = input_paths(c)
@@ -223,7 +223,6 @@ class Run:
     def crop(self) -> list[regions.Region]:
         """Crop and normalise tibia, femur and background."""
         scan = self.scan if self.scan is not None else self.load()
-        self.labels = regions.parse_labels(self.config.labels)
         c = self.config
         self.regions = self._stage(
             "crop", regions.crop_regions, scan, self.labels, c.pad, c.crop, c.normalize,
@@ -252,7 +251,6 @@ class Run:
         """The :class:`Result` of the stages run so far (runs the missing ones)."""
         table = self.table if self.table is not None else self.compare()
         assert self.scan is not None and self.regions is not None and self.features is not None
-        assert self.labels is not None
         record = provenance(
             self.config, self.scan, self.labels, self.regions, self.model, self.features, table,
             self.timings, self.warnings,
